@@ -1,0 +1,1 @@
+"""tandem.paged_cache."""
