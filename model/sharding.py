@@ -107,3 +107,34 @@ def constrain(x: jax.Array, names: Sequence[str | None], rules=None) -> jax.Arra
         return x
     spec = _fit(logical_to_spec(names, rules), x.shape, mesh)
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def state_shardings(state, mesh, rules=None):
+    """The NamedSharding of every variable in an nnx.State, from its `logical_axes`."""
+    from flax import nnx
+
+    def one(variable):
+        axes = variable.get_metadata().get("logical_axes") or (None,) * len(variable.shape)
+        return variable.replace(named_sharding(mesh, axes, variable.shape, rules))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_model(model, mesh, rules=None):
+    """Places an existing NNX model's variables on `mesh` by their logical axes."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, state_shardings(state, mesh, rules))
+    return nnx.merge(graphdef, state)
+
+
+def create_sharded(make_model, mesh, rules=None):
+    """Builds `make_model()` directly into its shards: no device ever holds a full copy."""
+    from flax import nnx
+
+    abstract = nnx.eval_shape(make_model)
+    graphdef, abs_state = nnx.split(abstract)
+    out_shardings = state_shardings(abs_state, mesh, rules)
+    state = jax.jit(lambda: nnx.split(make_model())[1], out_shardings=out_shardings)()
+    return nnx.merge(graphdef, state)

@@ -1,0 +1,82 @@
+"""The `tandem` command. Subcommands: generate (serve, train and bench arrive with their issues)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from tandem.model import Transformer
+    from tandem.model.tokenizer import byte_tokenizer
+    from tandem.serve.greedy import greedy_generate
+
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    if args.model:
+        from tandem.model.hf import load_model
+        from tandem.model.tokenizer import load_tokenizer
+
+        model = load_model(args.model, dtype=dtype)
+        tokenizer = load_tokenizer(args.model)
+        source = args.model
+    else:
+        from tandem.configs import model_config_from_gin
+
+        cfg = model_config_from_gin(args.gin_file, args.gin_param)
+        tokenizer = byte_tokenizer()
+        if cfg.vocab_size < len(tokenizer):
+            print(f"error: {args.gin_file}: vocab_size {cfg.vocab_size} is smaller than the byte "
+                  f"tokenizer's {len(tokenizer)}", file=sys.stderr)
+            return 2
+        model = Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(args.seed))
+        source = f"{args.gin_file} (random weights, seed {args.seed})"
+    prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False)
+    if not prompt_ids:
+        print("error: --prompt is empty", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    [out] = greedy_generate(model, [prompt_ids], args.max_new_tokens,
+                            eos_token_id=tokenizer.eos_token_id)
+    seconds = time.perf_counter() - start
+    cfg = model.config
+    print(f"model: {source}: {cfg.model_type}, {cfg.num_layers} layers, "
+          f"{cfg.num_params:,} params")
+    print(f"prompt: {args.prompt!r}")
+    print(f"output: {tokenizer.decode(out)!r}")
+    print(f"{len(out)} tokens in {seconds:.2f} s (greedy, paged KV cache, compile included)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="greedy text from a checkpoint or a gin preset")
+    src = gen.add_mutually_exclusive_group()
+    src.add_argument("--model", help="a Hugging Face checkpoint directory (safetensors)")
+    src.add_argument("--gin_file", default="models/tiny.gin",
+                     help="a model preset (path or packaged name); random weights")
+    gen.add_argument("--gin_param", action="append", default=[],
+                     help="a gin binding, e.g. ModelConfig.num_layers=4 (repeatable)")
+    gen.add_argument("--prompt", default="Hello, tandem!")
+    gen.add_argument("--max_new_tokens", type=int, default=32)
+    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
