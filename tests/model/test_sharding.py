@@ -101,3 +101,19 @@ def test_paged_forward_sharded_equals_training_forward(reference):
         full = prompt + out
         want = np.asarray(model(jnp.asarray([full])))[0, :-1]
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_checkpoint_loads_straight_into_shards(reference, tmp_path):
+    """load_model(mesh=...) places each weight by its logical axes as it reads it."""
+    from tandem.model.hf import load_model, save_model
+
+    model, tokens, expected = reference
+    save_model(model, str(tmp_path))
+    mesh = make_mesh(fsdp=4, tensor=2)
+    loaded = load_model(str(tmp_path), mesh=mesh)
+    assert loaded.layers[0].mlp.gate_proj[...].sharding.spec == P("fsdp", "tensor")
+    assert loaded.embed[...].sharding.spec == P("tensor", "fsdp")
+    graphdef, state = nnx.split(loaded)
+    with jax.set_mesh(mesh):
+        logits = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens)
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0)

@@ -1,0 +1,53 @@
+"""The `tandem` console command, run as a user runs it (a real subprocess)."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from tandem.model import ModelConfig, Transformer
+from tandem.model.hf import save_model
+from tandem.model.tokenizer import byte_tokenizer
+
+
+def tandem(*args, timeout=300):
+    exe = shutil.which("tandem")
+    cmd = [exe] if exe else [sys.executable, "-m", "tandem.cli.main"]
+    env = {**os.environ, "XLA_FLAGS": ""}  # one device is enough here
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def test_generate_on_the_embedded_tiny_preset():
+    run = tandem("generate", "--prompt", "Hi", "--max_new_tokens", "5")
+    assert run.returncode == 0, run.stderr
+    assert "models/tiny.gin (random weights, seed 0)" in run.stdout
+    assert "5 tokens in" in run.stdout
+
+
+def test_generate_from_a_checkpoint_directory(tmp_path):
+    cfg = ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=1,
+                      num_heads=2, num_kv_heads=1, eos_token_id=257)
+    save_model(Transformer(cfg, rngs=nnx.Rngs(3)), str(tmp_path))
+    byte_tokenizer().save_pretrained(tmp_path)
+    run = tandem("generate", "--model", str(tmp_path), "--prompt", "abc",
+                 "--max_new_tokens", "4")
+    assert run.returncode == 0, run.stderr
+    assert f"model: {tmp_path}: llama, 1 layers" in run.stdout
+    assert np.any([line.startswith("output: ") for line in run.stdout.splitlines()])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--gin_param", "ModelConfig.not_a_field=1"], "not_a_field"),
+    (["--gin_file", "models/absent.gin"], "no packaged gin file 'models/absent.gin'"),
+    (["--model", "/nonexistent/ckpt"], "/nonexistent/ckpt: no such checkpoint directory"),
+])
+def test_bad_input_is_a_clear_error(args, message):
+    run = tandem("generate", *args)
+    assert run.returncode == 2
+    assert message in run.stderr
+    assert "Traceback" not in run.stderr
