@@ -32,3 +32,44 @@ def write_kv(
     flat = kv_cache.reshape(num_slots, num_combined, head_dim)
     flat = flat.at[slots].set(kv.astype(kv_cache.dtype), mode="drop")
     return flat.reshape(kv_cache.shape)
+
+
+def page_bytes(cfg: ModelConfig, page_size: int, dtype=jnp.bfloat16) -> int:
+    """Bytes of one page across all layers (K and V)."""
+    return cfg.num_layers * page_size * 2 * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(
+        dtype).itemsize
+
+
+def num_pages_for_budget(cfg: ModelConfig, page_size: int, *, dtype=jnp.bfloat16,
+                         budget_bytes: int | None = None, memory_fraction: float | None = None,
+                         min_pages: int = 1, num_kv_shards: int = 1, device=None) -> int:
+    """How many pages fit: in `budget_bytes` (per device), or in `memory_fraction` of the
+    device's memory minus what is already in use (the weights, loaded first).
+
+    Raises ValueError, before anything is allocated, when fewer than `min_pages` fit
+    (e.g. one page per sequence the engine must be able to run at once).
+    """
+    if (budget_bytes is None) == (memory_fraction is None):
+        raise ValueError("give exactly one of budget_bytes or memory_fraction")
+    # KV heads are sharded over `tensor`: each device holds 1/num_kv_shards of a page.
+    per_page = page_bytes(cfg, page_size, dtype) // num_kv_shards
+    in_use = 0
+    if memory_fraction is not None:
+        if not 0 < memory_fraction <= 1:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
+        device = device or jax.devices()[0]
+        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+        if not stats or "bytes_limit" not in stats:
+            raise ValueError(f"{device.platform} device reports no memory limit; give "
+                             f"budget_bytes instead of memory_fraction")
+        in_use = stats.get("bytes_in_use", 0)
+        budget_bytes = int(memory_fraction * stats["bytes_limit"]) - in_use
+    num_pages = max(budget_bytes, 0) // per_page
+    if num_pages < min_pages:
+        used = f" after {in_use / 2**30:.2f} GiB in use (weights)" if in_use else ""
+        raise ValueError(
+            f"KV cache does not fit: {max(budget_bytes, 0) / 2**30:.3f} GiB left{used} holds "
+            f"{num_pages} pages of {per_page / 2**20:.2f} MiB ({page_size} tokens x "
+            f"{cfg.num_layers} layers), need at least {min_pages}; lower max_num_seqs or "
+            f"page_size, raise the memory budget, or shard over more devices")
+    return num_pages
