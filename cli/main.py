@@ -13,7 +13,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from tandem.model import Transformer
     from tandem.model.tokenizer import byte_tokenizer
-    from tandem.serve.greedy import greedy_generate
+    from tandem.serve.paged_runner import greedy_generate
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     if args.model:
@@ -29,8 +29,11 @@ def _generate(args: argparse.Namespace) -> int:
         cfg = model_config_from_gin(args.gin_file, args.gin_param)
         tokenizer = byte_tokenizer()
         if cfg.vocab_size < len(tokenizer):
-            print(f"error: {args.gin_file}: vocab_size {cfg.vocab_size} is smaller than the byte "
-                  f"tokenizer's {len(tokenizer)}", file=sys.stderr)
+            print(
+                f"error: {args.gin_file}: vocab_size {cfg.vocab_size} is smaller than the byte "
+                f"tokenizer's {len(tokenizer)}",
+                file=sys.stderr,
+            )
             return 2
         model = Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(args.seed))
         source = f"{args.gin_file} (random weights, seed {args.seed})"
@@ -39,12 +42,12 @@ def _generate(args: argparse.Namespace) -> int:
         print("error: --prompt is empty", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    [out] = greedy_generate(model, [prompt_ids], args.max_new_tokens,
-                            eos_token_id=tokenizer.eos_token_id)
+    [out] = greedy_generate(
+        model, [prompt_ids], args.max_new_tokens, eos_token_id=tokenizer.eos_token_id
+    )
     seconds = time.perf_counter() - start
     cfg = model.config
-    print(f"model: {source}: {cfg.model_type}, {cfg.num_layers} layers, "
-          f"{cfg.num_params:,} params")
+    print(f"model: {source}: {cfg.model_type}, {cfg.num_layers} layers, {cfg.num_params:,} params")
     print(f"prompt: {args.prompt!r}")
     print(f"output: {tokenizer.decode(out)!r}")
     print(f"{len(out)} tokens in {seconds:.2f} s (greedy, paged KV cache, compile included)")
@@ -57,10 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="greedy text from a checkpoint or a gin preset")
     src = gen.add_mutually_exclusive_group()
     src.add_argument("--model", help="a Hugging Face checkpoint directory (safetensors)")
-    src.add_argument("--gin_file", default="models/tiny.gin",
-                     help="a model preset (path or packaged name); random weights")
-    gen.add_argument("--gin_param", action="append", default=[],
-                     help="a gin binding, e.g. ModelConfig.num_layers=4 (repeatable)")
+    src.add_argument(
+        "--gin_file",
+        default="models/tiny.gin",
+        help="a model preset (path or packaged name); random weights",
+    )
+    gen.add_argument(
+        "--gin_param",
+        action="append",
+        default=[],
+        help="a gin binding, e.g. ModelConfig.num_layers=4 (repeatable)",
+    )
     gen.add_argument("--prompt", default="Hello, tandem!")
     gen.add_argument("--max_new_tokens", type=int, default=32)
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+
 from tandem.model.config import ModelConfig, from_hf_config, to_hf_config
 from tandem.model.safetensors_io import CheckpointError, read_safetensors, write_safetensors
 from tandem.model.sharding import named_sharding

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
 from tandem.model.config import ModelConfig
 
 KV_AXES = ("cache_pages", "cache_page_size", "cache_kv_heads", "head_dim")
@@ -36,13 +37,22 @@ def write_kv(
 
 def page_bytes(cfg: ModelConfig, page_size: int, dtype=jnp.bfloat16) -> int:
     """Bytes of one page across all layers (K and V)."""
-    return cfg.num_layers * page_size * 2 * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(
-        dtype).itemsize
+    return (
+        cfg.num_layers * page_size * 2 * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+    )
 
 
-def num_pages_for_budget(cfg: ModelConfig, page_size: int, *, dtype=jnp.bfloat16,
-                         budget_bytes: int | None = None, memory_fraction: float | None = None,
-                         min_pages: int = 1, num_kv_shards: int = 1, device=None) -> int:
+def num_pages_for_budget(
+    cfg: ModelConfig,
+    page_size: int,
+    *,
+    dtype=jnp.bfloat16,
+    budget_bytes: int | None = None,
+    memory_fraction: float | None = None,
+    min_pages: int = 1,
+    num_kv_shards: int = 1,
+    device=None,
+) -> int:
     """How many pages fit: in `budget_bytes` (per device), or in `memory_fraction` of the
     device's memory minus what is already in use (the weights, loaded first).
 
@@ -60,8 +70,10 @@ def num_pages_for_budget(cfg: ModelConfig, page_size: int, *, dtype=jnp.bfloat16
         device = device or jax.devices()[0]
         stats = device.memory_stats() if hasattr(device, "memory_stats") else None
         if not stats or "bytes_limit" not in stats:
-            raise ValueError(f"{device.platform} device reports no memory limit; give "
-                             f"budget_bytes instead of memory_fraction")
+            raise ValueError(
+                f"{device.platform} device reports no memory limit; give "
+                f"budget_bytes instead of memory_fraction"
+            )
         in_use = stats.get("bytes_in_use", 0)
         budget_bytes = int(memory_fraction * stats["bytes_limit"]) - in_use
     num_pages = max(budget_bytes, 0) // per_page
@@ -71,5 +83,15 @@ def num_pages_for_budget(cfg: ModelConfig, page_size: int, *, dtype=jnp.bfloat16
             f"KV cache does not fit: {max(budget_bytes, 0) / 2**30:.3f} GiB left{used} holds "
             f"{num_pages} pages of {per_page / 2**20:.2f} MiB ({page_size} tokens x "
             f"{cfg.num_layers} layers), need at least {min_pages}; lower max_num_seqs or "
-            f"page_size, raise the memory budget, or shard over more devices")
+            f"page_size, raise the memory budget, or shard over more devices"
+        )
     return num_pages
+
+
+def copy_blocks(
+    kv_caches: list[jax.Array],
+    copies: jax.Array,  # i32[C, 2] (src, dst)
+) -> list[jax.Array]:
+    """Copy-on-write on device: page dst of every layer becomes a copy of page src."""
+    src, dst = copies[:, 0], copies[:, 1]
+    return [kv.at[dst].set(kv[src]) for kv in kv_caches]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
 from tandem.model.attention_metadata import AttentionMetadata
 from tandem.model.config import ModelConfig, rope_inv_freq
 from tandem.model.kv_cache import write_kv

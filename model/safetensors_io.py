@@ -45,8 +45,8 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         (header_len,) = struct.unpack("<Q", raw)
         if header_len > size - 8:
             raise CheckpointError(
-                f"{path}: not a safetensors file (header length {header_len} "
-                f"exceeds file size {size})"
+                f"{path}: truncated or not a safetensors file (header length "
+                f"{header_len} exceeds file size {size})"
             )
         try:
             header = json.loads(f.read(header_len))

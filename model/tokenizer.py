@@ -25,10 +25,10 @@ def load_tokenizer(model_dir: str) -> PreTrainedTokenizerBase:
     if not os.path.isdir(model_dir):
         raise CheckpointError(f"{model_dir}: no such directory")
     if not any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
-        raise CheckpointError(f"{model_dir}: no tokenizer files (looked for "
-                              f"{', '.join(TOKENIZER_FILES)})")
-    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False,
-                                         local_files_only=True)
+        raise CheckpointError(
+            f"{model_dir}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})"
+        )
+    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -40,8 +40,9 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>",
-                                   bos_token="<|bos|>", eos_token="<|eos|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>"
+    )
     fast.add_special_tokens({"additional_special_tokens": []})
     fast.chat_template = BYTE_CHAT_TEMPLATE
     return fast
@@ -49,7 +50,10 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 def _bytes_to_unicode() -> list[int]:
     """GPT-2's byte -> printable code point map (what ByteLevel pre-tokenization emits)."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     extra = iter(range(256, 512))
     return [b if b in printable else next(extra) for b in range(256)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
 from tandem.model.attention_metadata import AttentionMetadata
 from tandem.model.config import ModelConfig
 from tandem.model.layers import DecoderLayer, RMSNorm, param

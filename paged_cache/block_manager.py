@@ -26,6 +26,7 @@ from collections.abc import Hashable, Sequence
 from typing import NamedTuple
 
 import numpy as np
+
 from tandem.paged_cache.block_hash import BlockHash, Namespace, hash_block_tokens, hash_full_blocks
 from tandem.paged_cache.block_pool import BlockPool, NoFreeBlocksError
 

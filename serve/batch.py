@@ -22,13 +22,16 @@ class SeqChunk:
     block_table: list[int]  # physical pages, enough for start_pos + len(token_ids)
 
 
-def build_batch(chunks: list[SeqChunk], page_size: int, *, num_tokens: int, num_seqs: int,
-                pages_per_seq: int) -> tuple[np.ndarray, AttentionMetadata]:
+def build_batch(
+    chunks: list[SeqChunk], page_size: int, *, num_tokens: int, num_seqs: int, pages_per_seq: int
+) -> tuple[np.ndarray, AttentionMetadata]:
     """Packs chunks into padded arrays: (tokens i32[T], metadata over T and S)."""
     total = sum(len(c.token_ids) for c in chunks)
     if total > num_tokens or len(chunks) > num_seqs:
-        raise ValueError(f"batch of {total} tokens / {len(chunks)} seqs exceeds the bucket "
-                         f"({num_tokens} tokens, {num_seqs} seqs)")
+        raise ValueError(
+            f"batch of {total} tokens / {len(chunks)} seqs exceeds the bucket "
+            f"({num_tokens} tokens, {num_seqs} seqs)"
+        )
     tokens = np.zeros(num_tokens, np.int32)
     positions = np.zeros(num_tokens, np.int32)
     slot_mapping = np.full(num_tokens, -1, np.int32)
@@ -40,8 +43,10 @@ def build_batch(chunks: list[SeqChunk], page_size: int, *, num_tokens: int, num_
         n = len(c.token_ids)
         end = c.start_pos + n
         if len(c.block_table) * page_size < end or len(c.block_table) > pages_per_seq:
-            raise ValueError(f"sequence {s}: block table of {len(c.block_table)} pages cannot "
-                             f"hold {end} tokens within {pages_per_seq} pages of {page_size}")
+            raise ValueError(
+                f"sequence {s}: block table of {len(c.block_table)} pages cannot "
+                f"hold {end} tokens within {pages_per_seq} pages of {page_size}"
+            )
         pos = np.arange(c.start_pos, end)
         table = np.asarray(c.block_table, np.int32)
         tokens[t : t + n] = c.token_ids

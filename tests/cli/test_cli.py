@@ -18,8 +18,9 @@ def tandem(*args, timeout=300):
     exe = shutil.which("tandem")
     cmd = [exe] if exe else [sys.executable, "-m", "tandem.cli.main"]
     env = {**os.environ, "XLA_FLAGS": ""}  # one device is enough here
-    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout,
-                          env=env)
+    return subprocess.run(
+        cmd + list(args), capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def test_generate_on_the_embedded_tiny_preset():
@@ -30,22 +31,31 @@ def test_generate_on_the_embedded_tiny_preset():
 
 
 def test_generate_from_a_checkpoint_directory(tmp_path):
-    cfg = ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=1,
-                      num_heads=2, num_kv_heads=1, eos_token_id=257)
+    cfg = ModelConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        eos_token_id=257,
+    )
     save_model(Transformer(cfg, rngs=nnx.Rngs(3)), str(tmp_path))
     byte_tokenizer().save_pretrained(tmp_path)
-    run = tandem("generate", "--model", str(tmp_path), "--prompt", "abc",
-                 "--max_new_tokens", "4")
+    run = tandem("generate", "--model", str(tmp_path), "--prompt", "abc", "--max_new_tokens", "4")
     assert run.returncode == 0, run.stderr
     assert f"model: {tmp_path}: llama, 1 layers" in run.stdout
     assert np.any([line.startswith("output: ") for line in run.stdout.splitlines()])
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--gin_param", "ModelConfig.not_a_field=1"], "not_a_field"),
-    (["--gin_file", "models/absent.gin"], "no packaged gin file 'models/absent.gin'"),
-    (["--model", "/nonexistent/ckpt"], "/nonexistent/ckpt: no such checkpoint directory"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--gin_param", "ModelConfig.not_a_field=1"], "not_a_field"),
+        (["--gin_file", "models/absent.gin"], "no packaged gin file 'models/absent.gin'"),
+        (["--model", "/nonexistent/ckpt"], "/nonexistent/ckpt: no such checkpoint directory"),
+    ],
+)
 def test_bad_input_is_a_clear_error(args, message):
     run = tandem("generate", *args)
     assert run.returncode == 2

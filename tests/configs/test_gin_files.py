@@ -6,6 +6,7 @@ import os
 
 import gin
 import pytest
+
 from tandem import configs
 from tandem.model.config import ModelConfig, from_hf_config, to_hf_config
 

@@ -7,8 +7,15 @@ from tandem.model import ModelConfig
 from tandem.model.kv_cache import init_kv_cache, num_pages_for_budget, page_bytes
 
 # Llama-3.2-1B's attention shape: 16 layers, 8 kv heads, head dim 64.
-CFG = ModelConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
-                  num_heads=32, num_kv_heads=8, head_dim=64)
+CFG = ModelConfig(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_layers=16,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=64,
+)
 
 
 def test_page_bytes_by_hand():

@@ -19,12 +19,22 @@ from tandem.model.sharding import (
     make_mesh,
     shard_model,
 )
-from tandem.serve.greedy import greedy_generate
+from tandem.serve.paged_runner import greedy_generate
 
-CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=16, model_type="qwen2")
-MESHES = {"fsdp4_tp2": dict(data=1, fsdp=4, tensor=2),
-          "dp2_fsdp2_tp2": dict(data=2, fsdp=2, tensor=2)}
+CFG = ModelConfig(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    model_type="qwen2",
+)
+MESHES = {
+    "fsdp4_tp2": dict(data=1, fsdp=4, tensor=2),
+    "dp2_fsdp2_tp2": dict(data=2, fsdp=2, tensor=2),
+}
 
 
 def test_eight_devices_are_visible():
@@ -95,8 +105,9 @@ def test_paged_forward_sharded_equals_training_forward(reference):
     sharded = shard_model(model, mesh)
     prompts = [[5, 9, 3], list(range(1, 20))]
     with jax.set_mesh(mesh):
-        outs, logits = greedy_generate(sharded, prompts, 8, page_size=4, token_budget=8,
-                                       return_logits=True, mesh=mesh)
+        outs, logits = greedy_generate(
+            sharded, prompts, 8, page_size=4, token_budget=8, return_logits=True, mesh=mesh
+        )
     for prompt, out, got in zip(prompts, outs, logits):
         full = prompt + out
         want = np.asarray(model(jnp.asarray([full])))[0, :-1]

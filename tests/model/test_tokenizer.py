@@ -14,7 +14,10 @@ def test_byte_tokenizer_round_trips_any_text():
     assert len(ids) == len(text.encode("utf-8"))
     assert tok.decode(ids) == text
     assert len(tok) == 259 and {tok.pad_token_id, tok.bos_token_id, tok.eos_token_id} == {
-        256, 257, 258}
+        256,
+        257,
+        258,
+    }
 
 
 def test_saved_tokenizer_loads_with_its_chat_template(tmp_path):

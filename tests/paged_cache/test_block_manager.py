@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+
 from tandem.paged_cache import (
     BlockCopy,
     BlockManager,

@@ -15,6 +15,7 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
 from tandem.paged_cache import BlockManager, NoFreeBlocksError, hash_full_blocks
 
 SETTINGS = settings(
