@@ -14,9 +14,10 @@ full block is never written again, so it stays shared for good; the shared parti
 block is copied on write by whichever sequence appends to it while others still hold it.
 The copy itself happens on device, so `append` returns it to the engine as a `BlockCopy`.
 
-Caveat for the scheduler: prompt blocks are registered at `allocate`, before the device
-has written their KV. A request that hits them must not run before that prefill step
-(nano-vllm makes the same assumption).
+A full block enters the prefix cache only once its K/V are on device: the engine calls
+`commit(seq_id, num_computed_tokens)` after each step, and blocks wholly below that
+count are registered (vLLM V1 does the same). Registering at `allocate` would let a
+second request skip tokens whose K/V a chunked prefill has not written yet.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class _SequenceBlocks:
     block_table: list[int]
     block_hashes: list[BlockHash]  # chained keys of the full blocks; empty without caching
     namespace: Namespace
+    num_committed_blocks: int = 0  # leading blocks whose K/V are computed (and cached)
 
 
 class BlockManager:
@@ -145,10 +147,24 @@ class BlockManager:
         block_table = cached_blocks + [
             self.pool.allocate() for _ in range(num_blocks - len(cached_blocks))
         ]
-        for i in range(len(cached_blocks), len(block_hashes)):
-            self.pool.cache(block_table[i], block_hashes[i])
-        self._seqs[seq_id] = _SequenceBlocks(token_ids, block_table, block_hashes, namespace)
+        self._seqs[seq_id] = _SequenceBlocks(
+            token_ids, block_table, block_hashes, namespace, len(cached_blocks)
+        )
         return len(cached_blocks) * self.block_size
+
+    def commit(self, seq_id: SeqId, num_computed_tokens: int) -> None:
+        """Records that the first `num_computed_tokens` have K/V on device; their full
+        blocks become prefix-cache hits for later requests."""
+        seq = self._get(seq_id)
+        if not 0 <= num_computed_tokens <= len(seq.token_ids):
+            raise ValueError(
+                f"seq {seq_id!r}: num_computed_tokens {num_computed_tokens} outside "
+                f"[0, {len(seq.token_ids)}]"
+            )
+        num_full = min(num_computed_tokens // self.block_size, len(seq.block_hashes))
+        for i in range(seq.num_committed_blocks, num_full):
+            self.pool.cache(seq.block_table[i], seq.block_hashes[i])
+        seq.num_committed_blocks = max(seq.num_committed_blocks, num_full)
 
     # Append: one decoded token.
 
@@ -181,7 +197,6 @@ class BlockManager:
                 parent_hash, seq.token_ids[-self.block_size :], seq.namespace
             )
             seq.block_hashes.append(block_hash)
-            self.pool.cache(seq.block_table[-1], block_hash)
         return copies
 
     # Fork and free.
@@ -202,6 +217,7 @@ class BlockManager:
             list(parent.block_table),
             list(parent.block_hashes),
             parent.namespace,
+            parent.num_committed_blocks,
         )
 
     def free(self, seq_id: SeqId) -> None:

@@ -85,6 +85,7 @@ class PagedRunner:
         for start in range(num_cached, len(token_ids), self.token_budget):
             chunk = token_ids[start : start + self.token_budget]
             logits.append(self._run([SeqChunk(list(chunk), start, table)]))
+            self.blocks.commit(seq_id, start + len(chunk))
         return num_cached, np.concatenate(logits)
 
     def fork(self, parent_id, child_id) -> None:
@@ -104,6 +105,8 @@ class PagedRunner:
             for seq_id, token in next_tokens.items()
         ]
         logits = self._run(chunks)
+        for seq_id in next_tokens:
+            self.blocks.commit(seq_id, self.blocks.num_tokens(seq_id))
         return dict(zip(next_tokens, logits))
 
     def free(self, seq_id) -> None:

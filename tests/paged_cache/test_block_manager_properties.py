@@ -41,6 +41,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.device: dict[int, dict[int, int]] = {}  # block -> offset -> token written
         self.content_by_hash: dict[bytes, tuple[int, ...]] = {}
         self.next_id = 0
+        self.num_computed: dict[int, int] = {}  # tokens whose K/V the 'device' holds
 
     def _write(self, seq_id, position):
         block_index, offset = divmod(self.bm.slot(seq_id, position), self.block_size)
@@ -80,14 +81,28 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for position in range(num_cached_tokens):
             block = self.bm.block_table(seq_id)[position // self.block_size]
             assert self.device[block][position % self.block_size] == prompt[position]
-        for position in range(num_cached_tokens, len(prompt)):
-            self._write(seq_id, position)
+        # The rest is computed later, in chunks (the `compute` rule), as chunked prefill does.
+        self.num_computed[seq_id] = num_cached_tokens
         self._record_hashes(seq_id)
+
+    @precondition(lambda self: self.seqs)
+    @rule(index=st.integers(0, 50), num_tokens=st.integers(1, 9))
+    def compute(self, index, num_tokens):
+        """A prefill chunk runs: its K/V land on device, then the engine commits them."""
+        seq_id = self._pick(index)
+        start = self.num_computed[seq_id]
+        stop = min(len(self.seqs[seq_id]), start + num_tokens)
+        for position in range(start, stop):
+            self._write(seq_id, position)
+        self.num_computed[seq_id] = stop
+        self.bm.commit(seq_id, stop)
 
     @precondition(lambda self: self.seqs)
     @rule(index=st.integers(0, 50), token=st.integers(0, 2))
     def append(self, index, token):
         seq_id = self._pick(index)
+        if self.num_computed[seq_id] < len(self.seqs[seq_id]):
+            return  # still prefilling: decode appends come after the prompt is computed
         if not self.bm.can_append(seq_id):
             with pytest.raises(NoFreeBlocksError):
                 self.bm.append(seq_id, token)
@@ -101,12 +116,16 @@ class BlockManagerMachine(RuleBasedStateMachine):
             self.device[copy.dst_block] = dict(self.device[copy.src_block])
         self.seqs[seq_id].append(token)
         self._write(seq_id, len(self.seqs[seq_id]) - 1)
+        self.num_computed[seq_id] = len(self.seqs[seq_id])
+        self.bm.commit(seq_id, len(self.seqs[seq_id]))
         self._record_hashes(seq_id)
 
     @precondition(lambda self: self.seqs)
     @rule(index=st.integers(0, 50))
     def fork(self, index):
         parent_id = self._pick(index)
+        if self.num_computed[parent_id] < len(self.seqs[parent_id]):
+            return  # groups fork from a computed prompt
         child_id, self.next_id = self.next_id, self.next_id + 1
         num_free = self.bm.num_free_blocks
         self.bm.fork(parent_id, child_id)
@@ -114,13 +133,14 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert self.bm.block_table(child_id) == self.bm.block_table(parent_id)
         self.seqs[child_id] = list(self.seqs[parent_id])
         self.namespaces[child_id] = self.namespaces[parent_id]
+        self.num_computed[child_id] = self.num_computed[parent_id]
 
     @precondition(lambda self: self.seqs)
     @rule(index=st.integers(0, 50))
     def free(self, index):
         seq_id = self._pick(index)
         self.bm.free(seq_id)
-        del self.seqs[seq_id], self.namespaces[seq_id]
+        del self.seqs[seq_id], self.namespaces[seq_id], self.num_computed[seq_id]
 
     @invariant()
     def counts_add_up(self):
@@ -150,7 +170,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
     @invariant()
     def every_sequence_reads_its_own_tokens(self):
         for seq_id, tokens in self.seqs.items():
-            for position, token in enumerate(tokens):
+            for position, token in enumerate(tokens[: self.num_computed[seq_id]]):
                 block, offset = divmod(self.bm.slot(seq_id, position), self.block_size)
                 assert self.device[block][offset] == token
 
