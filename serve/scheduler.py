@@ -1,0 +1,238 @@
+"""Which sequences run in the next step, and how many of their tokens.
+
+A V1-style token-budget scheduler over the host `BlockManager` (plain Python; no jax):
+
+1. running decodes first, one token each, so a long prompt never stalls them;
+2. then running prefills continue, a chunk each (chunked prefill is always on);
+3. then waiting sequences are admitted, in the policy's order, while the budget, the
+   sequence limit and the free pages allow; a prefix-cache hit skips its tokens.
+
+When a decode needs a page and none is free, the last running sequence in the policy's
+order (the newest, or the lowest priority) is preempted by recompute: its pages are
+freed and it waits again with every token it had.
+
+Policies: `fcfs` (arrival), `priority` (lower value first, then arrival) and `vtc`, the
+Virtual Token Counter of Sheng et al. (OSDI'24): each client has a counter charged
+`w_in` per prompt token at admission and `w_out` per generated token, both divided by
+the client's weight; admission goes to the waiting client with the smallest counter,
+and a client returning from idle is lifted to the smallest counter of the active ones,
+so that idling banks no credit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable
+
+from tandem.paged_cache import BlockCopy, BlockManager
+from tandem.serve.sequence import Sequence, Status
+
+POLICIES = ("fcfs", "priority", "vtc")
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 512
+    """The token budget of one step (decodes + prefill chunks)."""
+    max_num_seqs: int = 64
+    """Sequences running at once."""
+    policy: str = "fcfs"
+    """fcfs, priority or vtc."""
+    vtc_input_weight: float = 1.0
+    """VTC: counter charge per prompt token (w_in)."""
+    vtc_output_weight: float = 2.0
+    """VTC: counter charge per generated token (w_out)."""
+    client_weights: tuple[tuple[str, float], ...] = ()
+    """VTC: a client's share; its charges are divided by it (default 1)."""
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(
+                f"SchedulerConfig.policy: unknown policy {self.policy!r}; choose from {POLICIES}"
+            )
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError(
+                "SchedulerConfig: max_num_batched_tokens and max_num_seqs must be positive"
+            )
+        if any(w <= 0 for _, w in self.client_weights):
+            raise ValueError("SchedulerConfig.client_weights must be positive")
+
+
+@dataclasses.dataclass
+class ScheduledChunk:
+    seq: Sequence
+    start: int  # first new token's position
+    num_tokens: int
+    completes: bool = False  # the chunk reaches the last token: its logits get sampled
+
+    def __post_init__(self):
+        self.completes = self.start + self.num_tokens == self.seq.num_tokens
+        self.token_ids = self.seq.token_ids[self.start : self.start + self.num_tokens]
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    copies: list[BlockCopy]  # copy-on-write to run on device before the step
+    preempted: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+        self.config = config
+        self.blocks = blocks
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.counters: dict[str, float] = {}  # VTC
+        self.service: dict[str, dict[str, int]] = {}  # tokens served per client
+        self._arrivals = itertools.count()
+        self._weights = dict(config.client_weights)
+
+    # Queue changes.
+
+    def add(self, seq: Sequence) -> None:
+        seq.arrival = next(self._arrivals)
+        seq.status = Status.WAITING
+        client = seq.client
+        if client not in self._active_clients():
+            # VTC counter lift: a client back from idle starts at the active minimum.
+            active = [self.counters[c] for c in self._active_clients()]
+            self.counters[client] = max(self.counters.get(client, 0.0), min(active, default=0.0))
+        self.service.setdefault(client, {"prompt_tokens": 0, "generated_tokens": 0})
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Ends a sequence (stop, length, abort) and returns its pages."""
+        if seq.status == Status.FINISHED:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+            self.blocks.free(seq.seq_id)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # The step.
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        copies: list[BlockCopy] = []
+        preempted: list[Sequence] = []
+        self.running.sort(key=self._order)
+
+        # 1. Decodes: the token sampled last step needs a slot (maybe a page).
+        for seq in [s for s in self.running if s.is_decoding]:
+            if budget == 0:
+                break
+            if seq.status != Status.RUNNING:
+                continue  # preempted below for an earlier sequence's page
+            while not self.blocks.can_append(seq.seq_id):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status != Status.RUNNING:
+                continue
+            copies += self.blocks.append(seq.seq_id, seq.token_ids[-1])
+            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, 1))
+            budget -= 1
+
+        # 2. Running prefills continue (their prompt pages were taken at admission).
+        for seq in [s for s in self.running if not s.is_decoding]:
+            if budget == 0:
+                break
+            n = min(seq.num_pending_tokens, budget)
+            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+            budget -= n
+
+        # 3. Admit waiting sequences (not in a step that had to preempt: pages are short).
+        while (
+            not preempted
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            seq = self._next_waiting()
+            if not self.blocks.can_allocate(seq.token_ids, seq.namespace):
+                break
+            num_cached = self.blocks.allocate(seq.seq_id, seq.token_ids, seq.namespace)
+            self.waiting.remove(seq)
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = num_cached
+                self._charge(seq.client, len(seq.prompt_token_ids), "prompt_tokens")
+            seq.num_computed_tokens = num_cached
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_pending_tokens, budget)
+            chunks.append(ScheduledChunk(seq, num_cached, n))
+            budget -= n
+        return SchedulerOutput(chunks, copies, preempted)
+
+    def update(
+        self, output: SchedulerOutput, sampled: Callable[[ScheduledChunk], int]
+    ) -> list[Sequence]:
+        """Marks the chunks computed; each completing chunk gets its sampled token.
+
+        Returns the sequences that received a token (the engine checks them for stops).
+        """
+        grew = []
+        for chunk in output.chunks:
+            seq = chunk.seq
+            if seq.status != Status.RUNNING:
+                continue  # aborted while the step ran
+            seq.num_computed_tokens = chunk.start + chunk.num_tokens
+            self.blocks.commit(seq.seq_id, seq.num_computed_tokens)
+            if chunk.completes:
+                seq.output_token_ids.append(int(sampled(chunk)))
+                self._charge(seq.client, 1, "generated_tokens")
+                grew.append(seq)
+        return grew
+
+    # Policy.
+
+    def _order(self, seq: Sequence):
+        if self.config.policy == "priority":
+            return (seq.priority, seq.arrival)
+        return (seq.arrival,)
+
+    def _next_waiting(self) -> Sequence:
+        if self.config.policy == "vtc":
+            client = min(
+                {s.client for s in self.waiting}, key=lambda c: (self.counters.get(c, 0.0), c)
+            )
+            return min((s for s in self.waiting if s.client == client), key=self._order)
+        return min(self.waiting, key=self._order)
+
+    def _active_clients(self) -> set[str]:
+        return {s.client for s in self.waiting} | {s.client for s in self.running}
+
+    def _charge(self, client: str, num_tokens: int, kind: str) -> None:
+        weight = (
+            self.config.vtc_input_weight
+            if kind == "prompt_tokens"
+            else self.config.vtc_output_weight
+        )
+        self.counters[client] = self.counters.get(
+            client, 0.0
+        ) + weight * num_tokens / self._weights.get(client, 1.0)
+        self.service[client][kind] += num_tokens
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute preemption: free the pages, keep the tokens, wait again."""
+        self.running.remove(seq)
+        self.blocks.free(seq.seq_id)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
