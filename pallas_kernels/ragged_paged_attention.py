@@ -1,14 +1,16 @@
 """The public entry point: validates arguments, then dispatches by backend.
 
-CPU runs the pure-JAX reference. The TPU (Mosaic TPU) and GPU (Mosaic GPU) kernels plug
-in here as they land; until then those backends also run the reference.
+CPU runs the pure-JAX reference; TPU runs the Mosaic TPU kernel (pallas_kernels/tpu/);
+GPU runs the reference until the Mosaic GPU kernel lands.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
 from tandem.pallas_kernels.reference import ragged_paged_attention_reference
+from tandem.pallas_kernels.tpu import ragged_paged_attention_tpu
 
 
 def validate(q, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs, sliding_window, soft_cap):
@@ -69,6 +71,18 @@ def ragged_paged_attention(
 ) -> jax.Array:  # [T, N, H]
     """Attention of ragged query chunks over their sequences' paged K/V (see reference.py)."""
     validate(q, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs, sliding_window, soft_cap)
+    if jax.default_backend() == "tpu":
+        return ragged_paged_attention_tpu(
+            q,
+            kv_cache,
+            kv_lens,
+            page_indices,
+            cu_q_lens,
+            num_seqs,
+            sm_scale=sm_scale,
+            sliding_window=sliding_window,
+            soft_cap=soft_cap,
+        )
     return ragged_paged_attention_reference(
         q,
         kv_cache,
