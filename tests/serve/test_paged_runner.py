@@ -87,3 +87,28 @@ def test_prompt_longer_than_max_seq_len_is_refused(model):
     with pytest.raises(ValueError, match="exceeds max_seq_len 8"):
         runner.prefill("x", list(range(9)))
     assert runner.blocks.num_used_blocks == 0
+
+
+def test_one_step_prefills_several_prompts_and_decodes_together(model):
+    """A mixed batch: two prompts' chunks and a running decode in one model step."""
+    from tandem.serve.batch import SeqChunk
+
+    runner = PagedRunner(model, num_pages=32, page_size=PAGE, max_seq_len=32)
+    rs = np.random.RandomState(2)
+    a, b, c = (list(rs.randint(0, 64, n)) for n in (5, 9, 13))
+    _, logits_a = runner.prefill("a", a)  # "a" is decoding from here on
+    next_a = int(np.argmax(logits_a[-1]))
+    runner.blocks.append("a", next_a)
+    for seq_id, tokens in (("b", b), ("c", c)):
+        runner.blocks.allocate(seq_id, tokens)
+    table = runner.blocks.block_table
+    # b's first 6 tokens and c's whole prompt, beside a's decode token
+    logits = runner._run([SeqChunk([next_a], len(a), table("a")),
+                          SeqChunk(b[:6], 0, table("b")), SeqChunk(c, 0, table("c"))])
+    np.testing.assert_allclose(logits[0], training_logits(model, a + [next_a])[-1],
+                               atol=1e-4, rtol=0)
+    np.testing.assert_allclose(logits[1:7], training_logits(model, b)[:6], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(logits[7:], training_logits(model, c), atol=1e-4, rtol=0)
+    # the rest of b in the next step reads the 6 tokens the mixed step wrote
+    rest = runner._run([SeqChunk(b[6:], 6, table("b"))])
+    np.testing.assert_allclose(rest, training_logits(model, b)[6:], atol=1e-4, rtol=0)

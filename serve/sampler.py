@@ -1,0 +1,253 @@
+"""Logits -> tokens for a padded batch: penalties, temperature, top-k/top-p/min-p, seeded keys.
+
+`SamplingBatch.build` packs the rows' SamplingParams and token histories into numpy arrays
+on the host; `sample` is one jitted pure function over them, compiled once per padded batch
+size B (and per penalty bucket M and logprob width K, each of which takes few values).
+
+Order, as in vLLM V1:
+  1. logprobs: log_softmax of the RAW logits (before penalties, temperature and
+     truncation), so that RL sees the model's own distribution (vLLM's default
+     `logprobs_mode="raw_logprobs"`).
+  2. penalties on the raw logits: repetition (HF: over prompt and output tokens, a positive
+     logit is divided by it, a negative one multiplied), then frequency and presence
+     (OpenAI: over output tokens only, `logit -= frequency * count + presence * (count > 0)`).
+  3. greedy rows (temperature < GREEDY_EPS) take the argmax of the penalised logits.
+  4. sampled rows divide by temperature, keep the top_k tokens, then the smallest set whose
+     mass is >= top_p (always the top token), then drop tokens with
+     prob < min_p * max prob, and draw with the row's key.
+
+Keys: a seeded row's key is fold_in(fold_in(fold_in(key(seed_lo), seed_hi), sample_index),
+step), with step = the index of the token being generated (its output length), so a seed
+gives the same tokens whatever the batch and the row position. Unseeded rows use
+fold_in(key, row) of the `key` the caller passes and advances every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tandem.serve.sampling_params import GREEDY_EPS, MAX_LOGPROBS, SamplingParams
+
+# Smallest bucket for the penalty token columns; buckets grow by powers of two.
+MIN_PENALTY_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingBatch:
+    """One step's sampling metadata over B padded rows (numpy on the host, a pytree on
+    device). Padding rows are greedy with no penalties; their outputs are ignored."""
+
+    temperature: np.ndarray  # f32[B], 0 for greedy rows
+    top_k: np.ndarray  # i32[B], 0 = off
+    top_p: np.ndarray  # f32[B]
+    min_p: np.ndarray  # f32[B]
+    repetition_penalty: np.ndarray  # f32[B]
+    presence_penalty: np.ndarray  # f32[B]
+    frequency_penalty: np.ndarray  # f32[B]
+    # Distinct tokens of prompt + output per penalised row, -1 padded, and how often each
+    # occurs in the output. M == 0 when no row is penalised: the penalty step is skipped
+    # at trace time. A gather/scatter over [B, M] replaces dense [B, V] masks.
+    penalty_token_ids: np.ndarray  # i32[B, M]
+    penalty_output_counts: np.ndarray  # i32[B, M]
+    is_seeded: np.ndarray  # bool[B]
+    seed: np.ndarray  # u32[B, 2], (low, high) 32 bits of the seed mod 2**64
+    sample_index: np.ndarray  # i32[B], which of the request's n completions
+    step: np.ndarray  # i32[B], index of the token being generated
+    num_top_logprobs: int = dataclasses.field(default=0, metadata=dict(static=True))
+    """K, static: MAX_LOGPROBS (at most V) when any row asks for alternatives, else 0."""
+
+    @property
+    def batch_size(self) -> int:
+        return self.temperature.shape[0]
+
+    @classmethod
+    def build(
+        cls,
+        params_list: Sequence[SamplingParams],
+        prompt_token_ids_list: Sequence[Sequence[int]],
+        output_token_ids_list: Sequence[Sequence[int]],
+        *,
+        vocab_size: int,
+        pad_to: int,
+        sample_indices: Sequence[int] | None = None,
+    ) -> SamplingBatch:
+        """Rows in order, padded to `pad_to`. `output_token_ids_list[i]` is what row i has
+        generated so far (its length is the step); `sample_indices[i]` is the row's index
+        among its request's n completions (default 0), so that n seeded completions
+        differ."""
+        num_rows = len(params_list)
+        if num_rows > pad_to:
+            raise ValueError(f"{num_rows} rows do not fit pad_to={pad_to}")
+        if not (len(prompt_token_ids_list) == len(output_token_ids_list) == num_rows):
+            raise ValueError("params, prompt and output lists must have equal lengths")
+        sample_indices = [0] * num_rows if sample_indices is None else list(sample_indices)
+        if len(sample_indices) != num_rows:
+            raise ValueError("sample_indices must have one entry per row")
+
+        def column(fn, dtype, pad):
+            out = np.full(pad_to, pad, dtype)
+            out[:num_rows] = [fn(p) for p in params_list]
+            return out
+
+        temperature = column(lambda p: 0.0 if p.is_greedy else p.temperature, np.float32, 0.0)
+        top_k = column(lambda p: min(max(p.top_k, 0), vocab_size), np.int32, 0)
+        seed = np.zeros((pad_to, 2), np.uint32)
+        for i, p in enumerate(params_list):
+            if p.seed is not None:
+                s = p.seed % 2**64
+                seed[i] = (s & 0xFFFFFFFF, s >> 32)
+
+        penalised = [i for i, p in enumerate(params_list) if p.uses_penalties]
+        uniques = {}
+        for i in penalised:
+            prompt = np.asarray(prompt_token_ids_list[i], np.int64)
+            output = np.asarray(output_token_ids_list[i], np.int64)
+            ids = np.unique(np.concatenate([prompt, output]))
+            if ids.size and (ids[0] < 0 or ids[-1] >= vocab_size):
+                raise ValueError(f"row {i}: token ids must lie in [0, {vocab_size})")
+            counts = np.bincount(np.searchsorted(ids, output), minlength=ids.size)
+            uniques[i] = (ids, counts)
+        width = max((ids.size for ids, _ in uniques.values()), default=0)
+        m = 0 if not penalised else max(MIN_PENALTY_BUCKET, 1 << (width - 1).bit_length())
+        penalty_token_ids = np.full((pad_to, m), -1, np.int32)
+        penalty_output_counts = np.zeros((pad_to, m), np.int32)
+        for i, (ids, counts) in uniques.items():
+            penalty_token_ids[i, : ids.size] = ids
+            penalty_output_counts[i, : ids.size] = counts
+
+        wants_top = any(p.logprobs for p in params_list)
+        return cls(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=column(lambda p: p.top_p, np.float32, 1.0),
+            min_p=column(lambda p: p.min_p, np.float32, 0.0),
+            repetition_penalty=column(lambda p: p.repetition_penalty, np.float32, 1.0),
+            presence_penalty=column(lambda p: p.presence_penalty, np.float32, 0.0),
+            frequency_penalty=column(lambda p: p.frequency_penalty, np.float32, 0.0),
+            penalty_token_ids=penalty_token_ids,
+            penalty_output_counts=penalty_output_counts,
+            is_seeded=column(lambda p: p.seed is not None, np.bool_, False),
+            seed=seed,
+            sample_index=_pad(sample_indices, pad_to, np.int32),
+            step=_pad([len(o) for o in output_token_ids_list], pad_to, np.int32),
+            num_top_logprobs=min(MAX_LOGPROBS, vocab_size) if wants_top else 0,
+        )
+
+
+jax.tree_util.register_dataclass(SamplingBatch)
+
+
+class SampleResult(NamedTuple):
+    tokens: jax.Array  # i32[B]
+    logprobs: jax.Array  # f32[B], raw log_softmax at the sampled token
+    top_ids: jax.Array  # i32[B, K], most likely first
+    top_logprobs: jax.Array  # f32[B, K]
+
+
+@jax.jit
+def sample(logits: jax.Array, batch: SamplingBatch, key: jax.Array) -> SampleResult:
+    """logits f32[B, V] -> SampleResult. `key` (a jax.random.key) feeds the unseeded rows;
+    pass a fresh one each step. See the module docstring for the order of operations."""
+    logits = logits.astype(jnp.float32)
+    num_rows, vocab = logits.shape  # B, V
+    logprobs, top_ids, top_logprobs = _raw_logprobs(logits, batch.num_top_logprobs)
+
+    if batch.penalty_token_ids.shape[1]:
+        logits = apply_penalties(logits, batch)
+    is_greedy = batch.temperature < GREEDY_EPS
+    greedy_tokens = jnp.argmax(logits, axis=-1)
+
+    scaled = logits / jnp.where(is_greedy, 1.0, batch.temperature)[:, None]
+    top_k = jnp.where(batch.top_k > 0, jnp.minimum(batch.top_k, vocab), vocab)
+    needs_sort = jnp.any(~is_greedy & ((top_k < vocab) | (batch.top_p < 1.0)))
+    # The sort is the costly part of sampling; skip it at run time (not trace time, which
+    # would compile twice) when every row leaves top-k and top-p off.
+    scaled = jax.lax.cond(needs_sort, _top_k_top_p, lambda s, k, p: s, scaled, top_k, batch.top_p)
+    # min-p: prob < min_p * max prob  <=>  logit < max logit + log(min_p). The ratio of
+    # probabilities survives truncation, so it does not matter that top-k/top-p ran first.
+    floor = jnp.max(scaled, axis=-1, keepdims=True) + jnp.log(batch.min_p)[:, None]
+    scaled = jnp.where(scaled < floor, -jnp.inf, scaled)
+
+    keys = jax.vmap(_row_key, in_axes=(None, 0, 0, 0, 0, 0))(
+        key, jnp.arange(num_rows), batch.is_seeded, batch.seed, batch.sample_index, batch.step
+    )
+    sampled_tokens = jax.vmap(jax.random.categorical)(keys, scaled)
+    tokens = jnp.where(is_greedy, greedy_tokens, sampled_tokens).astype(jnp.int32)
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    return SampleResult(tokens, chosen, top_ids, top_logprobs)
+
+
+@functools.partial(jax.jit, static_argnames="num_top")
+def token_logprobs(
+    logits: jax.Array, token_ids: jax.Array, num_top: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Raw logprobs of given tokens, e.g. prompt_logprobs: logits f32[T, V], token_ids
+    i32[T] -> (f32[T], top ids i32[T, num_top], top logprobs f32[T, num_top])."""
+    logprobs, top_ids, top_logprobs = _raw_logprobs(logits.astype(jnp.float32), num_top)
+    chosen = jnp.take_along_axis(logprobs, token_ids[:, None], axis=-1)[:, 0]
+    return chosen, top_ids, top_logprobs
+
+
+def apply_penalties(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
+    """Repetition, then frequency and presence penalties, on the M listed tokens per row."""
+    logits = jnp.asarray(logits)
+    num_rows, vocab = logits.shape
+    ids = batch.penalty_token_ids  # [B, M]
+    # -1 padding becomes V: out of range, so the scatter below drops it (a negative index
+    # would wrap around to the last token).
+    ids = jnp.where(ids < 0, vocab, ids)
+    vals = jnp.take_along_axis(logits, jnp.minimum(ids, vocab - 1), axis=-1)  # [B, M]
+    rep = batch.repetition_penalty[:, None]
+    vals = jnp.where(vals > 0, vals / rep, vals * rep)
+    counts = batch.penalty_output_counts
+    vals = vals - batch.frequency_penalty[:, None] * counts
+    vals = vals - batch.presence_penalty[:, None] * (counts > 0)
+    rows = jnp.broadcast_to(jnp.arange(num_rows)[:, None], ids.shape)
+    return logits.at[rows, ids].set(vals, mode="drop")
+
+
+def _top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Masks to -inf what top-k (i32[B], V = off), then top-p (f32[B]) drop. Tokens tied
+    with the last kept one are kept too."""
+    vocab = scaled.shape[-1]
+    desc = -jnp.sort(-scaled, axis=-1)  # [B, V]
+    rank = jnp.arange(vocab)
+    in_top_k = rank[None, :] < top_k[:, None]
+    probs = jax.nn.softmax(jnp.where(in_top_k, desc, -jnp.inf), axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    # top_p == 1 keeps everything: a float cumsum may reach 1 before the tail.
+    keep = in_top_k & ((mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0))
+    num_keep = jnp.sum(keep, axis=-1)  # >= 1: the top token has no mass before it
+    threshold = jnp.take_along_axis(desc, num_keep[:, None] - 1, axis=-1)  # [B, 1]
+    return jnp.where(scaled < threshold, -jnp.inf, scaled)
+
+
+def _row_key(key, row, is_seeded, seed, sample_index, step):
+    seeded = jax.random.fold_in(jax.random.key(seed[0]), seed[1])
+    seeded = jax.random.fold_in(jax.random.fold_in(seeded, sample_index), step)
+    unseeded = jax.random.fold_in(key, row)
+    data = jnp.where(is_seeded, jax.random.key_data(seeded), jax.random.key_data(unseeded))
+    return jax.random.wrap_key_data(data)
+
+
+def _raw_logprobs(logits: jax.Array, num_top: int):
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    if num_top:
+        top_logprobs, top_ids = jax.lax.top_k(logprobs, num_top)
+    else:
+        top_logprobs = jnp.zeros((logits.shape[0], 0), jnp.float32)
+        top_ids = jnp.zeros((logits.shape[0], 0), jnp.int32)
+    return logprobs, top_ids.astype(jnp.int32), top_logprobs
+
+
+def _pad(values, pad_to, dtype):
+    out = np.zeros(pad_to, dtype)
+    out[: len(values)] = values
+    return out
