@@ -92,6 +92,7 @@ class Scheduler:
         self.service: dict[str, dict[str, int]] = {}  # tokens served per client
         self._arrivals = itertools.count()
         self._weights = dict(config.client_weights)
+        self.num_preemptions = 0
 
     # Queue changes.
 
@@ -105,6 +106,16 @@ class Scheduler:
             self.counters[client] = max(self.counters.get(client, 0.0), min(active, default=0.0))
         self.service.setdefault(client, {"prompt_tokens": 0, "generated_tokens": 0})
         self.waiting.append(seq)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Starts `child` running on `parent`'s pages (n > 1 sampling, GRPO groups): the
+        prompt is computed once and its blocks are shared, copied only on write."""
+        self.blocks.fork(parent.seq_id, child.seq_id)
+        child.arrival = parent.arrival
+        child.status = Status.RUNNING
+        child.num_computed_tokens = parent.num_computed_tokens
+        self.running.append(child)
+        self._charge(child.client, len(child.output_token_ids), "generated_tokens")
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Ends a sequence (stop, length, abort) and returns its pages."""
@@ -234,5 +245,6 @@ class Scheduler:
         self.blocks.free(seq.seq_id)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         seq.status = Status.WAITING
         self.waiting.append(seq)
