@@ -172,7 +172,8 @@ class Engine:
         request = _Request(request_id, prompt, params, [])
         self.requests[request_id] = request
         # n > 1: one sequence computes the prompt; the others fork from its pages.
-        namespace = ("prompt_logprobs", request_id) if params.prompt_logprobs is not None else None
+        # Prompt logprobs need logits at every prompt position: no prefix-cache hits.
+        namespace = f"prompt_logprobs:{request_id}" if params.prompt_logprobs is not None else None
         seq = self._new_seq(request, 0, client, priority, namespace)
         self.scheduler.add(seq)
 
