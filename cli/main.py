@@ -1,4 +1,4 @@
-"""The `tandem` command. Subcommands: generate (serve, train and bench arrive with their issues)."""
+"""The `tandem` command: generate, serve (train arrives with the alignment issue)."""
 
 from __future__ import annotations
 
@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=_generate)
+
+    from tandem.serve.openai_server import add_serve_arguments, run_server
+
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server")
+    add_serve_arguments(srv)
+    srv.set_defaults(func=run_server)
     return parser
 
 

@@ -1,0 +1,534 @@
+"""The OpenAI request and response shapes the HTTP server speaks (pydantic v2).
+
+Requests are strict: a wrong type, an unknown field or a feature the server lacks
+(`echo`, `suffix`, `best_of` > 1, `logit_bias`, tools) fails validation, which the server
+answers with a 400 in OpenAI's error shape. Sampling bounds are left to `SamplingParams`,
+whose ValueError names the field. vLLM's extra sampling fields are accepted too.
+
+The formatters at the end turn the engine's `RequestOutput`s into responses and SSE
+chunks; choice `p * n + i` is completion `i` of prompt `p`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+# OpenAI's caps: `logprobs` of the legacy completions API, `top_logprobs` of chat.
+MAX_COMPLETION_LOGPROBS = 5
+MAX_CHAT_TOP_LOGPROBS = 20
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Response(BaseModel):
+    pass
+
+
+# Errors.
+
+
+class ErrorInfo(_Response):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Response):
+    error: ErrorInfo
+
+
+# Requests.
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class _SamplingRequest(_Request):
+    """Fields shared by completions and chat completions."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM's extras.
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    priority: int = 0
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    @model_validator(mode="after")
+    def _check_common(self):
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """The SamplingParams fields this request sets (None means the default)."""
+        fields = {
+            "n": self.n,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "seed": self.seed,
+            "stop": self.stop,
+            "stop_token_ids": self.stop_token_ids,
+            "ignore_eos": self.ignore_eos,
+            "include_stop_str_in_output": self.include_stop_str_in_output,
+            "skip_special_tokens": self.skip_special_tokens,
+        }
+        return {k: v for k, v in fields.items() if v is not None}
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+def _is_token_ids(x) -> bool:
+    return isinstance(x, list) and bool(x) and all(type(t) is int and t >= 0 for t in x)
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = 16  # the legacy API's default
+    logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _check_prompt(cls, prompt):
+        # One message instead of pydantic's error per branch of the union.
+        is_batch = isinstance(prompt, list) and bool(prompt)
+        if not (
+            (isinstance(prompt, str) and prompt)
+            or _is_token_ids(prompt)
+            or (is_batch and all(isinstance(p, str) and p for p in prompt))
+            or (is_batch and all(_is_token_ids(p) for p in prompt))
+        ):
+            raise ValueError(
+                "prompt must be a non-empty string, a non-empty list of token ids (ints >= 0), "
+                "or a non-empty list of either"
+            )
+        return prompt
+
+    @model_validator(mode="after")
+    def _check_unsupported(self):
+        if self.echo:
+            raise ValueError("echo is not supported")
+        if self.suffix is not None:
+            raise ValueError("suffix is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of is not supported (only best_of == n)")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: one entry per prompt."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "".join(part.text for part in self.content)
+
+
+class ResponseFormat(_Request):
+    type: Literal["text"]
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_CHAT_TOP_LOGPROBS)] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict] | None = None
+    tool_choice: Literal["none"] | None = None
+    parallel_tool_calls: bool | None = None
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _check_unsupported(self):
+        if self.tools:
+            raise ValueError("tools are not supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return self
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """SamplingParams.logprobs: how many alternatives each token needs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+# Responses.
+
+
+class PromptTokensDetails(_Response):
+    cached_tokens: int = 0
+
+
+class Usage(_Response):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class CompletionLogprobs(_Response):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class CompletionResponse(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(_Response):
+    content: list[ChatTokenLogprob] = Field(default_factory=list)
+
+
+class AssistantMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Response):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(_Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+class DeltaMessage(_Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        # A delta carries only what changed: {"role": ...} first, then {"content": ...}.
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatChunkChoice(_Response):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Response):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "tandem"
+    max_model_len: int | None = None
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# Engine outputs -> responses.
+
+# A floor for -inf: JSON has no infinities.
+MIN_LOGPROB = -9999.0
+
+
+def _finite(logprob: float) -> float:
+    return max(float(logprob), MIN_LOGPROB)
+
+
+class TokenText:
+    """A token id's text, cached (logprobs name every top alternative)."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            text = self._tokenizer.decode([token_id], skip_special_tokens=False)
+            self._cache[token_id] = text
+        return text
+
+
+def usage(finals: list) -> Usage:
+    """Every prompt counted once, every completion's tokens (those cut by a stop string
+    included: they were computed)."""
+    prompt = sum(len(out.prompt_token_ids) for out in finals)
+    completion = sum(len(c.token_ids) for out in finals for c in out.outputs)
+    cached = sum(out.num_cached_tokens for out in finals)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+    )
+
+
+class Formatter:
+    """Shapes one request's outputs; `chunks` keeps what each choice has streamed."""
+
+    id_prefix = ""
+
+    def __init__(self, model: str, token_text: TokenText, n: int, num_logprobs: int | None):
+        self.model = model
+        self.token_text = token_text
+        self.n = n
+        self.num_logprobs = num_logprobs
+        self.created = _now()
+        self._num_logprobs_sent: dict[int, int] = {}
+        self._finish_sent: set[int] = set()
+
+    def first_chunks(self, request_id: str, num_prompts: int) -> list:
+        return []
+
+    def chunks(self, request_id: str, prompt_index: int, out) -> list:
+        """A chunk per choice with new text, new logprobs or its finish reason."""
+        chunks = []
+        for c in out.outputs:
+            index = prompt_index * self.n + c.index
+            sent = self._num_logprobs_sent.get(index, 0)
+            new_logprobs = c.logprobs[sent:] if c.logprobs is not None else []
+            finish = c.finish_reason if index not in self._finish_sent else None
+            if not (c.new_text or new_logprobs or finish):
+                continue
+            self._num_logprobs_sent[index] = sent + len(new_logprobs)
+            if finish:
+                self._finish_sent.add(index)
+            chunks.append(self._chunk(request_id, index, c.new_text, new_logprobs, finish))
+        return chunks
+
+    def _chunk(self, request_id, index, text, logprobs, finish):
+        raise NotImplementedError
+
+    def usage_chunk(self, request_id: str, finals: list):
+        raise NotImplementedError
+
+    def response(self, request_id: str, finals: list):
+        raise NotImplementedError
+
+    def _choices(self, finals: list):
+        for i, out in enumerate(finals):
+            for c in out.outputs:
+                yield i * self.n + c.index, c
+
+
+class CompletionFormatter(Formatter):
+    id_prefix = "cmpl"
+
+    def __init__(self, model: str, token_text: TokenText, req: CompletionRequest):
+        super().__init__(model, token_text, req.n, req.logprobs)
+        self._offsets: dict[int, int] = {}  # choice -> characters of its tokens so far
+
+    def _logprobs(self, index: int, entries: list) -> CompletionLogprobs | None:
+        if self.num_logprobs is None:
+            return None
+        out = CompletionLogprobs()
+        offset = self._offsets.get(index, 0)
+        for e in entries:
+            token = self.token_text(e.token_id)
+            # The chosen token too, as in vLLM. Tokens with one text (partial UTF-8
+            # bytes) share a key, which keeps the most likely.
+            top: dict[str, float] = {}
+            for t, lp in [*e.top, (e.token_id, e.logprob)]:
+                top[self.token_text(t)] = max(_finite(lp), top.get(self.token_text(t), -1e30))
+            out.tokens.append(token)
+            out.token_logprobs.append(_finite(e.logprob))
+            out.top_logprobs.append(top)
+            out.text_offset.append(offset)
+            offset += len(token)
+        self._offsets[index] = offset
+        return out
+
+    def _chunk(self, request_id, index, text, logprobs, finish):
+        choice = CompletionChoice(
+            index=index, text=text, logprobs=self._logprobs(index, logprobs), finish_reason=finish
+        )
+        return CompletionResponse(
+            id=request_id, created=self.created, model=self.model, choices=[choice]
+        )
+
+    def usage_chunk(self, request_id: str, finals: list) -> CompletionResponse:
+        return CompletionResponse(
+            id=request_id, created=self.created, model=self.model, choices=[], usage=usage(finals)
+        )
+
+    def response(self, request_id: str, finals: list) -> CompletionResponse:
+        choices = [
+            CompletionChoice(
+                index=index,
+                text=c.text,
+                logprobs=self._logprobs(index, c.logprobs or []),
+                finish_reason=c.finish_reason,
+            )
+            for index, c in self._choices(finals)
+        ]
+        return CompletionResponse(
+            id=request_id,
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=usage(finals),
+        )
+
+
+class ChatFormatter(Formatter):
+    id_prefix = "chatcmpl"
+
+    def __init__(self, model: str, token_text: TokenText, req: ChatCompletionRequest):
+        super().__init__(model, token_text, req.n, req.num_logprobs)
+
+    def _logprobs(self, entries: list) -> ChatLogprobs | None:
+        if self.num_logprobs is None:
+            return None
+
+        def entry(token_id: int, logprob: float) -> dict:
+            token = self.token_text(token_id)
+            return {"token": token, "logprob": _finite(logprob), "bytes": list(token.encode())}
+
+        content = [
+            ChatTokenLogprob(
+                **entry(e.token_id, e.logprob),
+                top_logprobs=[TopLogprob(**entry(t, lp)) for t, lp in e.top[: self.num_logprobs]],
+            )
+            for e in entries
+        ]
+        return ChatLogprobs(content=content)
+
+    def _wrap(self, request_id: str, choices: list, usage_: Usage | None = None):
+        return ChatCompletionChunk(
+            id=request_id, created=self.created, model=self.model, choices=choices, usage=usage_
+        )
+
+    def first_chunks(self, request_id: str, num_prompts: int) -> list:
+        return [
+            self._wrap(
+                request_id,
+                [ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))],
+            )
+            for i in range(num_prompts * self.n)
+        ]
+
+    def _chunk(self, request_id, index, text, logprobs, finish):
+        delta = DeltaMessage(content=text or None)
+        choice = ChatChunkChoice(
+            index=index, delta=delta, logprobs=self._logprobs(logprobs), finish_reason=finish
+        )
+        return self._wrap(request_id, [choice])
+
+    def usage_chunk(self, request_id: str, finals: list) -> ChatCompletionChunk:
+        return self._wrap(request_id, [], usage(finals))
+
+    def response(self, request_id: str, finals: list) -> ChatCompletionResponse:
+        choices = [
+            ChatChoice(
+                index=index,
+                message=AssistantMessage(content=c.text),
+                logprobs=self._logprobs(c.logprobs or []),
+                finish_reason=c.finish_reason,
+            )
+            for index, c in self._choices(finals)
+        ]
+        return ChatCompletionResponse(
+            id=request_id,
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=usage(finals),
+        )
