@@ -61,3 +61,41 @@ def test_bad_input_is_a_clear_error(args, message):
     assert run.returncode == 2
     assert message in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_serve_quickstart_answers_a_chat_request():
+    """The README's quickstart: `tandem serve` on the tiny preset answers the openai client."""
+    import socket
+    import time
+
+    import openai
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = shutil.which("tandem")
+    cmd = [exe] if exe else [sys.executable, "-m", "tandem.cli.main"]
+    proc = subprocess.Popen(cmd + ["serve", "--model", "models/tiny.gin", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "XLA_FLAGS": ""})
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
+                               max_retries=0, timeout=60)
+        deadline = time.time() + 120
+        while True:
+            try:
+                models = client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.time() < deadline, "server did not come up"
+                time.sleep(0.5)
+        assert [m.id for m in models.data] == ["tiny"]
+        reply = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8)
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        assert reply.usage.completion_tokens == 8 or reply.choices[0].finish_reason == "stop"
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert f"http://127.0.0.1:{port}/v1" in out
