@@ -1,4 +1,4 @@
-"""The `tandem` command: generate, serve (train arrives with the alignment issue)."""
+"""The `tandem` command: generate, serve, bench (train arrives with the alignment issue)."""
 
 from __future__ import annotations
 
@@ -54,6 +54,12 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    return importlib.import_module(f"tandem.bench.{args.which}").main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server")
     add_serve_arguments(srv)
     srv.set_defaults(func=run_server)
+
+    bench = sub.add_parser("bench", help="benchmarks: serve (HTTP load), throughput, fairness")
+    bench.add_argument("which", choices=["serve", "throughput", "fairness"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags")
+    bench.set_defaults(func=_bench)
     return parser
 
 
