@@ -71,19 +71,12 @@ def ragged_paged_attention(
 ) -> jax.Array:  # [T, N, H]
     """Attention of ragged query chunks over their sequences' paged K/V (see reference.py)."""
     validate(q, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs, sliding_window, soft_cap)
-    if jax.default_backend() == "tpu":
-        return ragged_paged_attention_tpu(
-            q,
-            kv_cache,
-            kv_lens,
-            page_indices,
-            cu_q_lens,
-            num_seqs,
-            sm_scale=sm_scale,
-            sliding_window=sliding_window,
-            soft_cap=soft_cap,
-        )
-    return ragged_paged_attention_reference(
+    kernel = (
+        ragged_paged_attention_tpu
+        if jax.default_backend() == "tpu"
+        else ragged_paged_attention_reference
+    )
+    return kernel(
         q,
         kv_cache,
         kv_lens,
