@@ -1,4 +1,4 @@
-"""The `tandem` command: generate, serve, bench (train arrives with the alignment issue)."""
+"""The `tandem` command: generate, serve, train, plot, quickstart, bench."""
 
 from __future__ import annotations
 
@@ -54,6 +54,24 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from tandem.align.cli import run_train
+
+    return run_train(args.algorithm, args.gin_file, args.gin_param)
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from tandem.align.plot import main as plot_main
+
+    return plot_main([args.run_dir] + (["--out", args.out] if args.out else []))
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from tandem.align.quickstart import run_quickstart
+
+    return run_quickstart(args.run_dir, fast=args.fast)
+
+
 def _bench(args: argparse.Namespace) -> int:
     import importlib
 
@@ -89,8 +107,36 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(srv)
     srv.set_defaults(func=run_server)
 
-    bench = sub.add_parser("bench", help="benchmarks: serve (HTTP load), throughput, fairness")
-    bench.add_argument("which", choices=["serve", "throughput", "fairness"])
+    train = sub.add_parser("train", help="SFT, reward-model, DPO, PPO or GRPO from a gin file")
+    train.add_argument("algorithm", choices=["sft", "rm", "dpo", "ppo", "grpo"])
+    train.add_argument(
+        "--gin_file", action="append", required=True, help="a train config (repeatable)"
+    )
+    train.add_argument(
+        "--gin_param",
+        action="append",
+        default=[],
+        help="a gin binding on top, e.g. TrainConfig.num_steps=10 (repeatable)",
+    )
+    train.set_defaults(func=_train)
+
+    plot = sub.add_parser("plot", help="draw a run's metrics to PNG files")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", help="where the PNGs go (default: RUN_DIR/plots)")
+    plot.set_defaults(func=_plot)
+
+    quick = sub.add_parser(
+        "quickstart",
+        help="tiny model: SFT then GRPO on arithmetic, save in HF format, serve one request",
+    )
+    quick.add_argument("--run_dir", default="runs/quickstart")
+    quick.add_argument("--fast", action="store_true", help="fewer steps (for tests)")
+    quick.set_defaults(func=_quickstart)
+
+    bench = sub.add_parser(
+        "bench", help="benchmarks: serve (HTTP load), throughput, fairness, attention (GPU)"
+    )
+    bench.add_argument("which", choices=["serve", "throughput", "fairness", "attention"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags")
     bench.set_defaults(func=_bench)
     return parser

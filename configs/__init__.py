@@ -41,6 +41,8 @@ def config_path(name: str) -> str:
 def _register() -> None:
     """Imports the modules that declare configurables and adds CONFIG_DIR to gin's search
     path, once per process (gin keeps the search path in a list that never dedups)."""
+    import tandem.align.algo_configs  # noqa: F401  (SFTConfig, DPOConfig, GRPOConfig, ...)
+    import tandem.align.train_config  # noqa: F401  (TrainConfig)
     import tandem.model  # noqa: F401  (registers ModelConfig)
     import tandem.model.sharding  # noqa: F401  (registers logical_rules, make_mesh)
 

@@ -74,6 +74,16 @@ class Transformer(nnx.Module):
         positions: jax.Array | None = None,  # i32[B, T]
         segment_ids: jax.Array | None = None,  # i32[B, T] packed sequences
     ) -> jax.Array:  # f32[B, T, V]
+        logits = self.logits(self.features(tokens, positions, segment_ids))
+        return constrain(logits, ("act_batch", "act_seq", "act_vocab"))
+
+    def features(
+        self,
+        tokens: jax.Array,  # i32[B, T]
+        positions: jax.Array | None = None,  # i32[B, T]
+        segment_ids: jax.Array | None = None,  # i32[B, T]
+    ) -> jax.Array:  # [B, T, D] the last layer's output, before the final norm
+        """The decoder stack without the head: reward and value heads read these."""
         if positions is None:
             positions = (
                 segment_positions(segment_ids)
@@ -85,8 +95,7 @@ class Transformer(nnx.Module):
         x = constrain(x, ("act_batch", "act_seq", "act_embed"))
         for layer in self.layers:
             x = layer(x, positions, mask)
-        logits = self.logits(x)
-        return constrain(logits, ("act_batch", "act_seq", "act_vocab"))
+        return x
 
     def forward_paged(
         self,
