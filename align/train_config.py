@@ -67,6 +67,8 @@ class TrainConfig:
             )
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"TrainConfig.dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if not self.train_file:
+            raise ValueError("TrainConfig.train_file is not set (a JSONL, JSON or Parquet file)")
         for name in ("num_steps", "batch_size", "grad_accum_steps", "max_length"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")

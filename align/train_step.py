@@ -96,7 +96,7 @@ def make_train_step(
         metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
         if schedule is not None:
             metrics["learning_rate"] = schedule(count)
         return (params, opt_state, count + 1), metrics

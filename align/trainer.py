@@ -22,8 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tandem.align.checkpoint import Checkpointer
-from tandem.align.metrics_log import MetricsLogger, write_config
 from tandem.align.train_config import TrainConfig, learning_rate_schedule, make_optimizer
 from tandem.align.train_step import TrainState, init_state, make_train_step
 from tandem.model.sharding import make_mesh, named_sharding, state_shardings
@@ -91,6 +89,9 @@ def fit(
     params, the optimizer, the step and the RNG. `export(module, run_dir)` runs at the end
     (e.g. writes the policy in Hugging Face format).
     """
+    from tandem.align.checkpoint import Checkpointer
+    from tandem.align.metrics_log import MetricsLogger, write_config
+
     os.makedirs(cfg.run_dir, exist_ok=True)
     write_config(cfg.run_dir, gin.config_str())
     optimizer = make_optimizer(cfg)
@@ -122,8 +123,13 @@ def fit(
         num_minibatches=getattr(algorithm, "num_minibatches", 1),
         schedule=learning_rate_schedule(cfg),
     )
+    # One writer per run: on multi-host runs process 0 logs.
     logger = MetricsLogger(
-        cfg.run_dir, total_steps=cfg.num_steps, start_step=start, progress=cfg.progress
+        cfg.run_dir,
+        total_steps=cfg.num_steps,
+        start_step=start,
+        progress=cfg.progress and jax.process_index() == 0,
+        tensorboard=jax.process_index() == 0,
     )
     metrics: dict = {}
     try:
@@ -147,7 +153,12 @@ def fit(
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.num_steps:
                 logger.log(step + 1, metrics)
             if checkpointer.should_save(step + 1) or step + 1 == cfg.num_steps:
-                checkpointer.save(step + 1, state, {"data_iter": data_iter.get_state()})
+                checkpointer.save(
+                    step + 1,
+                    state,
+                    {"data_iter": data_iter.get_state()},
+                    force=step + 1 == cfg.num_steps,
+                )
         checkpointer.wait()
     finally:
         logger.close()
