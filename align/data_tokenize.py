@@ -3,8 +3,9 @@
 Conventions, shared by every function here:
 
 - Text is encoded with `add_special_tokens=False`; a BOS (`tokenizer.bos_token_id`) is put
-  in front only when the tokenizer defines one and the sequence does not already start with
-  it (chat templates such as Llama 3's and the byte tokenizer's write it themselves).
+  in front only when the tokenizer's own `encode` adds one (as Llama's do; the server
+  encodes prompts that way) and the sequence does not already start with it (chat
+  templates such as Llama 3's and the byte tokenizer's write it themselves).
 - A prompt and its completion are encoded separately and concatenated, so the prompt's
   tokens are exactly those a rollout or `generate` starts from (TRL does the same).
 - Chats are tokenised turn by turn: rendering messages[:k] must be a prefix of rendering
@@ -155,9 +156,17 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 def _with_bos(tokenizer: Any, ids: list[int]) -> list[int]:
     bos = tokenizer.bos_token_id
-    if bos is None or (ids and ids[0] == bos):
+    if bos is None or (ids and ids[0] == bos) or not adds_bos(tokenizer):
         return ids
     return [bos] + ids
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer's own `encode` (special tokens on, as the server encodes a
+    prompt) starts with BOS. Training follows it, so that a served prompt has the tokens
+    the model was trained on."""
+    ids = tokenizer.encode("a", add_special_tokens=True)
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
 def _last_target_run(mask: list[float]) -> tuple[int, int]:

@@ -47,7 +47,8 @@ def evaluate(model_dir: str, records: list[dict], *, num_samples: int = 4, seed:
 
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
     engine = make_engine(model, tokenizer, num_seqs=len(records) * num_samples, max_len=32)
-    prompts = [tokenizer.encode(r["prompt"], add_special_tokens=False) for r in records]
+    # Encoded as the server encodes a prompt (and as training did: see data_tokenize).
+    prompts = [tokenizer.encode(r["prompt"]) for r in records]
     out = {}
     for name, temperature, n in (("greedy", 0.0, 1), ("sampled", 1.0, num_samples)):
         rollouts = generate(

@@ -1,16 +1,18 @@
 """The serving engine: continuous batching over the paged KV cache.
 
-`add_request`, `abort` and `step` are the whole contract. Each step the scheduler picks
-the chunks to compute (plain Python), the batch is built in numpy, one jitted function
-runs the model over the pages and samples the completing rows on device, and the host
-updates the sequences, checks stops and emits deltas. Not thread safe: one thread owns
-an Engine (serve/async_engine.py puts it behind asyncio).
+`add_request`, `abort` and `step` are the whole contract, plus `update_params` through
+which an RL trainer hands over its new weights after each optimizer step. Each step the
+scheduler picks the chunks to compute (plain Python), the batch is built in numpy, one
+jitted function runs the model over the pages and samples the completing rows on device,
+and the host updates the sequences, checks stops and emits deltas. Not thread safe: one
+thread owns an Engine (serve/async_engine.py puts it behind asyncio).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 
 import jax
@@ -141,6 +143,8 @@ class Engine:
         self.requests: dict[str, _Request] = {}
         self.num_prompt_tokens = 0
         self.num_cached_prompt_tokens = 0
+        self.num_param_updates = 0
+        self._request_serial = itertools.count()  # tells apart requests reusing a finished id
 
     # Public contract.
 
@@ -172,8 +176,13 @@ class Engine:
         request = _Request(request_id, prompt, params, [])
         self.requests[request_id] = request
         # n > 1: one sequence computes the prompt; the others fork from its pages.
-        # Prompt logprobs need logits at every prompt position: no prefix-cache hits.
-        namespace = f"prompt_logprobs:{request_id}" if params.prompt_logprobs is not None else None
+        # Prompt logprobs need logits at every prompt position: no prefix-cache hits, not
+        # even from an earlier request with the same id.
+        namespace = (
+            f"prompt_logprobs:{request_id}:{next(self._request_serial)}"
+            if params.prompt_logprobs is not None
+            else None
+        )
         seq = self._new_seq(request, 0, client, priority, namespace)
         self.scheduler.add(seq)
 
@@ -184,6 +193,25 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def update_params(self, params: nnx.State) -> None:
+        """Serves `params` from the next step on, by reference: no device copy, no recompile.
+
+        `params` must have the tree structure, shapes and dtypes of `self.params` (a trainer's
+        `nnx.split(model)[1]` after an optimizer step); its arrays should also keep their
+        shardings, or the next step compiles anew. The prefix cache is dropped, since its KV
+        came from the old weights. Raises ValueError while requests are unfinished (their KV
+        is stale too) or on the first mismatching leaf path.
+        """
+        if self.has_unfinished():
+            raise ValueError(
+                f"update_params: {len(self.requests)} requests are unfinished; their KV came "
+                "from the old weights (finish or abort them first)"
+            )
+        _check_same_tree(self.params, params)
+        self.params = params
+        self.blocks.reset_prefix_cache()
+        self.num_param_updates += 1
 
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
@@ -257,8 +285,9 @@ class Engine:
         changed = []
         for seq in grew:
             first, *fork_rows = sampled[id(seq)]
-            self._after_token(seq, result, first)
             changed.append(seq)
+            # Fork before the parent's stop check: a parent whose first token is EOS is
+            # finished (its pages freed) by _after_token, and its group still needs them.
             for r in fork_rows:
                 child = self._new_seq(
                     seq.data.request, row_index[r], seq.client, seq.priority, seq.namespace
@@ -267,6 +296,7 @@ class Engine:
                 self.scheduler.fork(seq, child)
                 self._after_token(child, result, r)
                 changed.append(child)
+            self._after_token(seq, result, first)
         return self._outputs(changed)
 
     def stats(self) -> dict:
@@ -281,6 +311,7 @@ class Engine:
             ),
             "clients": {c: dict(v) for c, v in self.scheduler.service.items()},
             "num_compiles": self._step_fn._cache_size(),
+            "num_param_updates": self.num_param_updates,
         }
 
     # Internals.
@@ -368,13 +399,14 @@ class Engine:
             self.scheduler.finish(seq, reason)
 
     def _record_prompt_logprobs(self, chunks, logits: np.ndarray) -> None:
-        """prompt_logprobs: the raw log-probability of each prompt token given the ones
-        before it (the first has none), with the top alternatives."""
+        """prompt_logprobs: the log-probability (raw or scaled, as `logprobs_mode` says) of
+        each prompt token given the ones before it (the first has none), with the top
+        alternatives."""
         start = 0
         for chunk in chunks:
             request = chunk.seq.data.request
             k = request.params.prompt_logprobs
-            rows = logits[start : start + chunk.num_tokens]
+            rows = logits[start : start + chunk.num_tokens] / request.params.logprob_temperature
             start += chunk.num_tokens
             if k is None or chunk.seq.data.index != 0 or chunk.seq.output_token_ids:
                 continue
@@ -433,6 +465,27 @@ class Engine:
                 )
             )
         return outputs
+
+
+def _check_same_tree(old, new) -> None:
+    """Raises ValueError naming the first leaf path where `new` differs from `old` (a leaf
+    missing or extra, another shape or dtype) or, failing that, if the structures differ."""
+    flat = jax.tree_util.tree_flatten_with_path
+    old_leaves = {jax.tree_util.keystr(p): x for p, x in flat(old)[0]}
+    new_leaves = {jax.tree_util.keystr(p): x for p, x in flat(new)[0]}
+    for path in list(old_leaves) + [p for p in new_leaves if p not in old_leaves]:
+        if path not in new_leaves:
+            raise ValueError(f"update_params: {path} is missing from the new params")
+        if path not in old_leaves:
+            raise ValueError(f"update_params: {path} is not a parameter of the served model")
+        a, b = old_leaves[path], new_leaves[path]
+        if np.shape(a) != np.shape(b) or jnp.result_type(a) != jnp.result_type(b):
+            raise ValueError(
+                f"update_params: {path} is {jnp.result_type(b)}{list(np.shape(b))}, "
+                f"the served model's is {jnp.result_type(a)}{list(np.shape(a))}"
+            )
+    if jax.tree.structure(old) != jax.tree.structure(new):
+        raise ValueError("update_params: the new params' tree structure differs")
 
 
 _copy_blocks = jax.jit(copy_blocks, donate_argnums=(0,))

@@ -8,7 +8,7 @@ import dataclasses
 @dataclasses.dataclass
 class TokenLogprob:
     token_id: int
-    logprob: float  # raw model log-probability (before temperature and truncation)
+    logprob: float  # log_softmax of the logits, or of logits / T with logprobs_mode="scaled"
     top: list[tuple[int, float]]  # the most likely alternatives, most likely first
 
 

@@ -5,9 +5,11 @@ on the host; `sample` is one jitted pure function over them, compiled once per p
 size B (and per penalty bucket M and logprob width K, each of which takes few values).
 
 Order, as in vLLM V1:
-  1. logprobs: log_softmax of the RAW logits (before penalties, temperature and
-     truncation), so that RL sees the model's own distribution (vLLM's default
-     `logprobs_mode="raw_logprobs"`).
+  1. logprobs over the full vocabulary, before penalties and truncation: per row,
+     log_softmax(logits / logprob_temperature), where logprob_temperature is 1 for
+     `logprobs_mode="raw"` (the model's own distribution; vLLM's default "raw_logprobs")
+     and the row's temperature for "scaled" (the policy the token is drawn from, which RL
+     importance ratios need). A per-row array, so mixing modes never recompiles.
   2. penalties on the raw logits: repetition (HF: over prompt and output tokens, a positive
      logit is divided by it, a negative one multiplied), then frequency and presence
      (OpenAI: over output tokens only, `logit -= frequency * count + presence * (count > 0)`).
@@ -60,6 +62,7 @@ class SamplingBatch:
     seed: np.ndarray  # u32[B, 2], (low, high) 32 bits of the seed mod 2**64
     sample_index: np.ndarray  # i32[B], which of the request's n completions
     step: np.ndarray  # i32[B], index of the token being generated
+    logprob_temperature: np.ndarray  # f32[B], divides logits for logprobs: 1 = raw
     num_top_logprobs: int = dataclasses.field(default=0, metadata=dict(static=True))
     """K, static: MAX_LOGPROBS (at most V) when any row asks for alternatives, else 0."""
 
@@ -137,6 +140,7 @@ class SamplingBatch:
             seed=seed,
             sample_index=_pad(sample_indices, pad_to, np.int32),
             step=_pad([len(o) for o in output_token_ids_list], pad_to, np.int32),
+            logprob_temperature=column(lambda p: p.logprob_temperature, np.float32, 1.0),
             num_top_logprobs=min(MAX_LOGPROBS, vocab_size) if wants_top else 0,
         )
 
@@ -146,7 +150,7 @@ jax.tree_util.register_dataclass(SamplingBatch)
 
 class SampleResult(NamedTuple):
     tokens: jax.Array  # i32[B]
-    logprobs: jax.Array  # f32[B], raw log_softmax at the sampled token
+    logprobs: jax.Array  # f32[B], log_softmax (raw or scaled, per row) at the sampled token
     top_ids: jax.Array  # i32[B, K], most likely first
     top_logprobs: jax.Array  # f32[B, K]
 
@@ -157,7 +161,10 @@ def sample(logits: jax.Array, batch: SamplingBatch, key: jax.Array) -> SampleRes
     pass a fresh one each step. See the module docstring for the order of operations."""
     logits = logits.astype(jnp.float32)
     num_rows, vocab = logits.shape  # B, V
-    logprobs, top_ids, top_logprobs = _raw_logprobs(logits, batch.num_top_logprobs)
+    # Raw rows divide by exactly 1.0, so their logprobs are bit-identical to raw mode's.
+    logprobs, top_ids, top_logprobs = _full_logprobs(
+        logits / batch.logprob_temperature[:, None], batch.num_top_logprobs
+    )
 
     if batch.penalty_token_ids.shape[1]:
         logits = apply_penalties(logits, batch)
@@ -190,7 +197,7 @@ def token_logprobs(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Raw logprobs of given tokens, e.g. prompt_logprobs: logits f32[T, V], token_ids
     i32[T] -> (f32[T], top ids i32[T, num_top], top logprobs f32[T, num_top])."""
-    logprobs, top_ids, top_logprobs = _raw_logprobs(logits.astype(jnp.float32), num_top)
+    logprobs, top_ids, top_logprobs = _full_logprobs(logits.astype(jnp.float32), num_top)
     chosen = jnp.take_along_axis(logprobs, token_ids[:, None], axis=-1)[:, 0]
     return chosen, top_ids, top_logprobs
 
@@ -237,7 +244,9 @@ def _row_key(key, row, is_seeded, seed, sample_index, step):
     return jax.random.wrap_key_data(data)
 
 
-def _raw_logprobs(logits: jax.Array, num_top: int):
+def _full_logprobs(logits: jax.Array, num_top: int):
+    """logits f32[B, V] -> (log_softmax f32[B, V], top ids i32[B, K], top logprobs f32[B, K])
+    over the full vocabulary, before any truncation."""
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     if num_top:
         top_logprobs, top_ids = jax.lax.top_k(logprobs, num_top)

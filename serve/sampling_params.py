@@ -12,6 +12,13 @@ from collections.abc import Sequence
 # OpenAI caps `logprobs` at 20 alternatives; vLLM's default `max_logprobs` is the same.
 MAX_LOGPROBS = 20
 
+# What `SamplingParams.logprobs` reports. "raw" (vLLM's default, raw_logprobs):
+# log_softmax of the model's logits, the model's own distribution. "scaled":
+# log_softmax(logits / temperature), the policy a token was sampled from before penalties
+# and top-k/top-p/min-p truncation, which is what TRL recomputes in training. RL needs
+# "scaled": at temperature != 1 raw logprobs make importance ratios pi_new / pi_old wrong.
+LOGPROBS_MODES = ("raw", "scaled")
+
 # Temperatures below this are greedy, as in vLLM: dividing logits by a near-zero
 # temperature only turns sampling into a numerically fragile argmax.
 GREEDY_EPS = 1e-5
@@ -54,6 +61,11 @@ class SamplingParams:
     None returns none."""
     prompt_logprobs: int | None = None
     """As `logprobs`, for every prompt token."""
+    logprobs_mode: str = "raw"
+    """What `logprobs` and `prompt_logprobs` report, one of LOGPROBS_MODES: "raw" is
+    log_softmax(logits); "scaled" is log_softmax(logits / temperature) over the full
+    vocabulary, after temperature but before penalties and truncation (what a trainer
+    recomputes from its own forward). Greedy rows report raw logprobs in both modes."""
     include_stop_str_in_output: bool = False
     """Keep the matched stop string at the end of the text."""
     skip_special_tokens: bool = True
@@ -88,10 +100,20 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, lo=0, hi=MAX_LOGPROBS)
         if self.prompt_logprobs is not None:
             _check_int("prompt_logprobs", self.prompt_logprobs, lo=0, hi=MAX_LOGPROBS)
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(
+                f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}"
+            )
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_EPS
+
+    @property
+    def logprob_temperature(self) -> float:
+        """Divides the logits before log_softmax for the reported logprobs: the
+        temperature in "scaled" mode (1 for greedy rows, whose policy is the argmax), else 1."""
+        return self.temperature if self.logprobs_mode == "scaled" and not self.is_greedy else 1.0
 
     @property
     def uses_penalties(self) -> bool:

@@ -32,7 +32,24 @@ CHATML = (
 
 @pytest.fixture(scope="module")
 def tok():
-    return byte_tokenizer()
+    """The byte tokenizer with a BOS-adding post-processor, like Llama's: training adds a
+    BOS exactly when the tokenizer's own encode does."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = byte_tokenizer()
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|bos|> $A", special_tokens=[("<|bos|>", tok.bos_token_id)]
+    )
+    assert tok.encode("a")[0] == tok.bos_token_id
+    return tok
+
+
+def test_no_bos_when_the_tokenizer_adds_none():
+    """The plain byte tokenizer's encode adds no BOS, and neither does training, so a prompt
+    the server encodes is the prompt the model was trained on."""
+    plain = byte_tokenizer()
+    out = tokenize_sft({"prompt": "1+2=", "completion": "3"}, plain, 8)
+    assert list(out["tokens"][:6]) == plain.encode("1+2=3") + [plain.eos_token_id]
 
 
 def targets(tok, out, tokens="tokens", mask="loss_mask"):

@@ -187,3 +187,16 @@ def test_bad_requests_are_refused_and_nothing_is_lost(model):
     while engine.has_unfinished():
         done.update({o.request_id: o for o in engine.step() if o.finished})
     assert sorted(done) == ["ok", "ok2"]
+
+
+def test_a_group_whose_first_token_stops_keeps_all_members(model):
+    """n > 1 where every member stops at its first token: the parent finishes in the same
+    step its group forks from it, and each member still gets its own completion."""
+    engine = make_engine(model, num_pages=32)
+    every_token = tuple(range(CFG.vocab_size))
+    params = SamplingParams(n=4, max_tokens=5, temperature=1.0, seed=3, stop_token_ids=every_token)
+    done = run(engine, {"g": ("1+2=", params)})
+    outputs = done["g"].outputs
+    assert [o.index for o in outputs] == [0, 1, 2, 3]
+    assert all(len(o.token_ids) == 1 and o.finish_reason == "stop" for o in outputs)
+    assert engine.blocks.num_free_blocks == 32

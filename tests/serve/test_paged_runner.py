@@ -103,10 +103,16 @@ def test_one_step_prefills_several_prompts_and_decodes_together(model):
         runner.blocks.allocate(seq_id, tokens)
     table = runner.blocks.block_table
     # b's first 6 tokens and c's whole prompt, beside a's decode token
-    logits = runner._run([SeqChunk([next_a], len(a), table("a")),
-                          SeqChunk(b[:6], 0, table("b")), SeqChunk(c, 0, table("c"))])
-    np.testing.assert_allclose(logits[0], training_logits(model, a + [next_a])[-1],
-                               atol=1e-4, rtol=0)
+    logits = runner._run(
+        [
+            SeqChunk([next_a], len(a), table("a")),
+            SeqChunk(b[:6], 0, table("b")),
+            SeqChunk(c, 0, table("c")),
+        ]
+    )
+    np.testing.assert_allclose(
+        logits[0], training_logits(model, a + [next_a])[-1], atol=1e-4, rtol=0
+    )
     np.testing.assert_allclose(logits[1:7], training_logits(model, b)[:6], atol=1e-4, rtol=0)
     np.testing.assert_allclose(logits[7:], training_logits(model, c), atol=1e-4, rtol=0)
     # the rest of b in the next step reads the 6 tokens the mixed step wrote
