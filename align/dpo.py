@@ -88,6 +88,7 @@ class DPO:
             token_mask[num_pairs:],
             beta=cfg.beta,
             normalizer=normalizer,
+            nll_normalizer=batch["num_chosen_tokens"][0],
         )
 
     def denominator(self, batch):
@@ -95,6 +96,12 @@ class DPO:
 
     def prepare(self, state, data_iter, step):
         data_batch = next(data_iter)
+        if self.cfg.loss == "orpo":
+            # ORPO's NLL term divides by the whole batch's chosen tokens; a per-row copy
+            # survives the cut into micro-batches.
+            chosen_mask = np.asarray(data_batch["chosen_mask"])[:, 1:]
+            count = np.full(len(chosen_mask), chosen_mask.sum(), np.float32)
+            data_batch = dict(data_batch, num_chosen_tokens=count)
         if self.reference is None:
             return data_batch, {}
         t0 = time.perf_counter()

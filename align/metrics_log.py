@@ -9,10 +9,10 @@ Values are written as floats; NaN and +-Inf are written as JSON `null` (strict J
 any reader can parse the file; `read_metrics` turns null back into NaN). The trainer stops
 on a NaN loss anyway, and its last line still shows which metric went bad.
 
-On resume (`start_step` > 0) lines with step >= start_step are dropped first: they were
-logged after the checkpoint the run restarts from and will be logged again, so the file
-ends up with each step once. The same holds for TensorBoard (`purge_step`). A fresh run
-(start_step 0) in an old run_dir therefore starts an empty file.
+`start_step` is the number of steps already done (the checkpoint a run resumes from). Lines
+with step > start_step are dropped first: they were logged after that checkpoint and will
+be logged again, so the file ends up with each step once. The same holds for TensorBoard
+(`purge_step`). A fresh run (start_step 0) in an old run_dir therefore starts an empty file.
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ class MetricsLogger:
 
             # purge_step makes TensorBoard discard events at or after it from earlier files.
             self._writer = SummaryWriter(
-                os.path.join(self.run_dir, TB_DIR), purge_step=start_step or None
+                os.path.join(self.run_dir, TB_DIR),
+                purge_step=start_step + 1 if start_step else None,
             )
         self._bar = None
         if progress:
@@ -136,10 +137,10 @@ class MetricsLogger:
         self.close()
 
     def _drop_from(self, start_step: int) -> None:
-        """Rewrites metrics.jsonl without rows at step >= start_step (atomic replace)."""
+        """Rewrites metrics.jsonl without rows after start_step (atomic replace)."""
         if not os.path.exists(self.path):
             return
-        kept = [r for r in read_metrics(self.path) if r["step"] < start_step]
+        kept = [r for r in read_metrics(self.path) if r["step"] <= start_step]
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             for row in kept:

@@ -134,14 +134,14 @@ def run_quickstart(run_dir: str = "runs/quickstart", *, fast: bool = False) -> i
     print(f"[2/4] SFT, {sft_steps} steps: greedy accuracy {greedy0:.2f}, mean reward {reward0:.3f}")
 
     grpo_dir = os.path.join(run_dir, "grpo")
-    grpo_steps = 15 if fast else 40
+    grpo_steps = 20 if fast else 60
     train_grpo(
         TrainConfig(
             run_dir=grpo_dir,
             model=os.path.join(sft_dir, "hf"),
             train_file=train_file,
             num_steps=grpo_steps,
-            batch_size=64,
+            batch_size=128,
             max_length=16,
             learning_rate=1e-3,
             save_every=grpo_steps,

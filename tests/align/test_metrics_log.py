@@ -47,7 +47,7 @@ def test_log_writes_json_lines_that_read_back(tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and math.isnan(rows[1]["reward"])
 
 
-def test_resume_drops_steps_at_or_after_the_restart(tmp_path):
+def test_resume_drops_the_steps_after_the_checkpoint(tmp_path):
     with MetricsLogger(tmp_path, total_steps=10, tensorboard=False, progress=False) as log:
         for step in range(1, 7):
             log.log(step, {"loss": float(step)})
@@ -55,7 +55,7 @@ def test_resume_drops_steps_at_or_after_the_restart(tmp_path):
         f.write('{"step": 7, "lo')  # the run was killed mid-write
     # Restarting from the checkpoint at step 4: steps 5.. will be logged again.
     with MetricsLogger(
-        tmp_path, total_steps=10, start_step=5, tensorboard=False, progress=False
+        tmp_path, total_steps=10, start_step=4, tensorboard=False, progress=False
     ) as log:
         for step in range(5, 8):
             log.log(step, {"loss": 10.0 + step})
@@ -72,7 +72,7 @@ def test_tensorboard_event_file_holds_the_scalars(tmp_path):
     assert ("loss", 1, 0.75) in scalars and ("loss", 2, 0.5) in scalars
     assert ("time/rollout", 1, 2.0) in scalars
     # A resumed logger tells TensorBoard to drop the old file's events from its step on.
-    with MetricsLogger(tmp_path, total_steps=5, start_step=2, progress=False) as log:
+    with MetricsLogger(tmp_path, total_steps=5, start_step=1, progress=False) as log:
         log.log(2, {"loss": 0.25})
     assert ("loss", 2, 0.25) in tb_scalars(tmp_path)
     purges = [e.step for e in tb_events(tmp_path) if e.session_log.status == START]
