@@ -115,7 +115,7 @@ def run_quickstart(run_dir: str = "runs/quickstart", *, fast: bool = False) -> i
     print(f"[1/4] task: {len(data)} problems like {data[0]['prompt']!r} -> {data[0]['answer']!r}")
 
     sft_dir = os.path.join(run_dir, "sft")
-    sft_steps = 60 if fast else 150
+    sft_steps = 100 if fast else 150
     train_sft(
         TrainConfig(
             run_dir=sft_dir,
@@ -134,7 +134,7 @@ def run_quickstart(run_dir: str = "runs/quickstart", *, fast: bool = False) -> i
     print(f"[2/4] SFT, {sft_steps} steps: greedy accuracy {greedy0:.2f}, mean reward {reward0:.3f}")
 
     grpo_dir = os.path.join(run_dir, "grpo")
-    grpo_steps = 20 if fast else 60
+    grpo_steps = 30 if fast else 60
     train_grpo(
         TrainConfig(
             run_dir=grpo_dir,

@@ -8,6 +8,7 @@ any working directory. Unknown bindings are errors, never skipped.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -52,7 +53,18 @@ def _register() -> None:
 def parse(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
     """Parses gin files then bindings on top of the current config; fails on unknown names."""
     _register()
-    gin.parse_config_files_and_bindings(list(files), list(bindings), skip_unknown=False)
+    # gin logs an ERROR for every search-path entry an include is not found under before
+    # the one it is found under; a real miss still raises, naming the file.
+    root = logging.getLogger()
+    root.addFilter(_quiet_include_probes)
+    try:
+        gin.parse_config_files_and_bindings(list(files), list(bindings), skip_unknown=False)
+    finally:
+        root.removeFilter(_quiet_include_probes)
+
+
+def _quiet_include_probes(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Path not found:")
 
 
 def _resolve(file_or_name: str) -> str:

@@ -75,12 +75,17 @@ def test_serve_quickstart_answers_a_chat_request():
         port = s.getsockname()[1]
     exe = shutil.which("tandem")
     cmd = [exe] if exe else [sys.executable, "-m", "tandem.cli.main"]
-    proc = subprocess.Popen(cmd + ["serve", "--model", "models/tiny.gin", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "XLA_FLAGS": ""})
+    proc = subprocess.Popen(
+        cmd + ["serve", "--model", "models/tiny.gin", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "XLA_FLAGS": ""},
+    )
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
-                               max_retries=0, timeout=60)
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60
+        )
         deadline = time.time() + 120
         while True:
             try:
@@ -92,10 +97,32 @@ def test_serve_quickstart_answers_a_chat_request():
                 time.sleep(0.5)
         assert [m.id for m in models.data] == ["tiny"]
         reply = client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8)
+            model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8
+        )
         assert reply.choices[0].finish_reason in ("stop", "length")
         assert reply.usage.completion_tokens == 8 or reply.choices[0].finish_reason == "stop"
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert f"http://127.0.0.1:{port}/v1" in out
+
+
+def test_quickstart_trains_saves_and_serves(tmp_path):
+    """The README's main command (shortened by --fast): SFT, GRPO with the reward printed
+    before and after, an HF checkpoint on disk, and one request answered over HTTP."""
+    exe = shutil.which("tandem")
+    cmd = [exe] if exe else [sys.executable, "-m", "tandem.cli.main"]
+    out = subprocess.run(
+        cmd + ["quickstart", "--fast", "--run_dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    for stage in ("[1/4] task:", "[2/4] SFT", "[3/4] GRPO", "[4/4] served"):
+        assert any(line.startswith(stage) for line in lines), out.stdout
+    assert "mean reward" in out.stdout and "(was " in out.stdout
+    hf = tmp_path / "grpo" / "hf"
+    assert (hf / "config.json").exists() and (hf / "model.safetensors").exists()
+    assert (tmp_path / "grpo" / "metrics.jsonl").exists()
