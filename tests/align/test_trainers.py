@@ -115,10 +115,20 @@ def test_dpo_and_reward_model_change_every_parameter(tmp_path, files):
     result = train_reward_model(cfg, RewardConfig())
     # The trunk drops the LM head (nothing trains it); everything else changes.
     assert_all_changed(before, nnx.state(result.module.trunk), skip=("lm_head",))
-    saved = load_reward_model(str(tmp_path / "rm" / "run" / "hf"))
+    rm_dir = str(tmp_path / "rm" / "run" / "hf")
+    saved = load_reward_model(rm_dir)
     np.testing.assert_array_equal(
         np.asarray(saved.score[...]), np.asarray(result.module.score[...])
     )
+
+    # The saved reward model is a reward function: GRPO scores its rollouts with it.
+    from tandem.align.grpo import train_grpo
+
+    cfg = run_cfg(tmp_path / "grpo_rm", files["arithmetic"], num_steps=1, max_length=32)
+    rl = GRPOConfig(group_size=4, max_prompt_length=8, max_completion_length=4, reward_model=rm_dir)
+    metrics = train_grpo(cfg, rl).last_metrics
+    assert np.isfinite(metrics["rewards/reward_model"])
+    assert metrics["reward/std"] > 0  # a learned score, not a constant
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
@@ -129,12 +139,16 @@ def test_rl_trainers_change_every_parameter(tmp_path, files, algorithm):
     if algorithm == "grpo":
         from tandem.align.grpo import train_grpo
 
+        # With the KL term (so the reference pass runs), DAPO's dynamic sampling and its
+        # soft overlong punishment over the last 2 tokens.
         rl_cfg = GRPOConfig(
             group_size=4,
             max_prompt_length=8,
             max_completion_length=6,
             reward_funcs=(reward,),
             beta=0.04,
+            dynamic_sampling=True,
+            overlong_cache_length=2,
         )
         result = train_grpo(cfg, rl_cfg)
         policy = nnx.state(result.module)
@@ -154,6 +168,9 @@ def test_rl_trainers_change_every_parameter(tmp_path, files, algorithm):
         assert np.isfinite(m[key]), key
     for key in ("rollout", "logprobs", "reference", "update", "handoff"):
         assert m[f"time/{key}"] >= 0
+    if algorithm == "grpo":
+        assert m["dynamic_sampling/tries"] >= 1
+        assert "reward/overlong_penalty" in m
     # The engine sampled with the params the trainer had: logprobs agree (f32, CPU).
     assert m["logp_mismatch/max"] < 1e-3
 
