@@ -29,18 +29,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tandem.serve.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from tandem.serve.engine import QueueFullError
+from tandem.serve.formatting import ChatFormatter, CompletionFormatter, Formatter, TokenText
 from tandem.serve.metrics import CONTENT_TYPE, ServerMetrics
 from tandem.serve.protocol import (
     ChatCompletionRequest,
-    ChatFormatter,
-    CompletionFormatter,
     CompletionRequest,
     ErrorInfo,
     ErrorResponse,
-    Formatter,
     ModelCard,
     ModelList,
-    TokenText,
 )
 from tandem.serve.sampling_params import SamplingParams
 
