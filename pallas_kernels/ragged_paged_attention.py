@@ -1,7 +1,12 @@
 """The public entry point: validates arguments, then dispatches by backend.
 
 CPU runs the pure-JAX reference; TPU runs the Mosaic TPU kernel (pallas_kernels/tpu/);
-GPU runs the reference until the Mosaic GPU kernel lands.
+GPU runs the Mosaic GPU kernel (pallas_kernels/gpu/) on Hopper and the reference when
+`gpu_fallback_reason` names a reason: a non-Hopper GPU, inputs the kernel does not take
+(see gpu/kernel.py `unsupported_reason`: f32 or mixed dtypes, head_dim other than 64/128,
+page sizes outside 8..128 or not a multiple of 8, more than 64 q heads per kv head), or
+sharded inputs (the kernel is not wrapped in shard_map yet, so a mesh of more than one
+device, ambient or on the arrays, keeps the reference).
 """
 
 from __future__ import annotations
@@ -57,6 +62,39 @@ def validate(q, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs, sliding_wi
     del num_tokens
 
 
+def _is_sharded(*arrays) -> bool:
+    """True under an ambient mesh of more than one device, or when an array is placed on
+    (or, with explicit sharding, typed over) more than one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        return True
+    for x in arrays:
+        if isinstance(x, jax.core.Tracer):
+            sharding = getattr(jax.typeof(x), "sharding", None)
+            mesh = getattr(sharding, "mesh", None)
+            if mesh is not None and not mesh.empty and mesh.size > 1:
+                return True
+        elif isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
+            return True
+    return False
+
+
+def _compute_capability() -> str:
+    return str(getattr(jax.devices()[0], "compute_capability", ""))
+
+
+def gpu_fallback_reason(q, kv_cache, page_indices) -> str | None:
+    """Why a GPU call runs the reference instead of the Mosaic GPU kernel; None if not."""
+    capability = _compute_capability()
+    if not capability.startswith("9"):
+        return f"compute capability {capability or '?'}: the kernel needs Hopper (9.x)"
+    if _is_sharded(q, kv_cache, page_indices):
+        return "sharded inputs: the kernel runs on one device (no shard_map yet)"
+    from tandem.pallas_kernels.gpu import unsupported_reason
+
+    return unsupported_reason(q, kv_cache)
+
+
 def ragged_paged_attention(
     q: jax.Array,  # [T, N, H]
     kv_cache: jax.Array,  # [P, L, 2K, H]
@@ -71,11 +109,16 @@ def ragged_paged_attention(
 ) -> jax.Array:  # [T, N, H]
     """Attention of ragged query chunks over their sequences' paged K/V (see reference.py)."""
     validate(q, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs, sliding_window, soft_cap)
-    kernel = (
-        ragged_paged_attention_tpu
-        if jax.default_backend() == "tpu"
-        else ragged_paged_attention_reference
-    )
+    backend = jax.default_backend()
+    if backend == "tpu":
+        kernel = ragged_paged_attention_tpu
+    elif backend == "gpu" and gpu_fallback_reason(q, kv_cache, page_indices) is None:
+        # Imported here: CPU and TPU processes never load Mosaic GPU.
+        from tandem.pallas_kernels.gpu import ragged_paged_attention_gpu
+
+        kernel = ragged_paged_attention_gpu
+    else:
+        kernel = ragged_paged_attention_reference
     return kernel(
         q,
         kv_cache,
