@@ -117,18 +117,29 @@ class DPO:
         return {}
 
 
-def train_dpo(cfg: TrainConfig, dpo: DPOConfig | None = None) -> RunResult:
-    dpo = dpo or DPOConfig()
-    mesh = build_mesh(cfg)
-    model, tokenizer = load_policy(cfg, mesh)
-    reference = frozen_copy(model) if NEEDS_REFERENCE[dpo.loss] else None
-    records = data.read_records(cfg.train_file)
+def preference_batches(cfg: TrainConfig, tokenizer):
+    """The checkpointable iterator of tokenised pairs that DPO and reward models train on;
+    every row's layout is checked before training starts."""
+    records = data.read_records(cfg.train_file, layout="preference")
     dataset = data.make_dataset(
         records,
         functools.partial(data.tokenize_preference, tokenizer=tokenizer, max_length=cfg.max_length),
         batch_size=cfg.batch_size,
         seed=cfg.seed,
     )
+    return iter(dataset)
+
+
+def train_dpo(cfg: TrainConfig, dpo: DPOConfig | None = None) -> RunResult:
+    dpo = dpo or DPOConfig()
+    mesh = build_mesh(cfg)
+    model, tokenizer = load_policy(cfg, mesh)
+    reference = frozen_copy(model) if NEEDS_REFERENCE[dpo.loss] else None
     return fit(
-        cfg, model, DPO(dpo, reference), iter(dataset), mesh=mesh, export=export_hf(tokenizer)
+        cfg,
+        model,
+        DPO(dpo, reference),
+        preference_batches(cfg, tokenizer),
+        mesh=mesh,
+        export=export_hf(tokenizer),
     )

@@ -10,7 +10,6 @@ plus `score.safetensors`; `RewardModelScorer` makes a saved model a reward funct
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 
 import jax
@@ -18,9 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tandem.align import data
 from tandem.align.algo_configs import RewardConfig
-from tandem.align.dpo import pair_rows
+from tandem.align.dpo import pair_rows, preference_batches
 from tandem.align.losses import get_loss
 from tandem.align.policy import load_policy
 from tandem.align.train_config import TrainConfig
@@ -142,17 +140,15 @@ def train_reward_model(cfg: TrainConfig, rm: RewardConfig | None = None) -> RunR
     mesh = build_mesh(cfg)
     trunk, tokenizer = load_policy(cfg, mesh)
     model = RewardModel(trunk, rngs=nnx.Rngs(cfg.seed))
-    records = data.read_records(cfg.train_file)
-    dataset = data.make_dataset(
-        records,
-        functools.partial(data.tokenize_preference, tokenizer=tokenizer, max_length=cfg.max_length),
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-    )
 
     def export(model, run_dir):
         save_reward_model(model, tokenizer, os.path.join(run_dir, "hf"))
 
     return fit(
-        cfg, model, RewardTrainer(rm or RewardConfig()), iter(dataset), mesh=mesh, export=export
+        cfg,
+        model,
+        RewardTrainer(rm or RewardConfig()),
+        preference_batches(cfg, tokenizer),
+        mesh=mesh,
+        export=export,
     )
