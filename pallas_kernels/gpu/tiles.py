@@ -59,40 +59,66 @@ def find_tile(
     num_tokens: int,
     tokens_per_tile: int,
     sliding_window: int | None,
+    guess: bool = True,
 ) -> Tile:
     """The tile of one slot, from scalars only: runs inside the kernel on loads from GMEM
-    and, vectorised with vmap, on arrays (tile_metadata). cu_q_lens[0] must be 0."""
+    and, vectorised with vmap, on arrays (tile_metadata). cu_q_lens[0] must be 0.
+
+    Each load from GMEM costs a round trip that nothing else hides at the start of a CTA,
+    so the owner is first guessed as if the batch were all decodes (one token per
+    sequence: first_slot(s) = s + floor(s / tq)) and checked with loads that do not
+    depend on each other (num_seqs, cu_q_lens at the guess and the next, the guess's
+    kv_len); only a wrong guess pays for the binary search (`guess=False` always
+    searches)."""
     tq = tokens_per_tile
+    last = max_num_seqs
 
     def start(s):  # first token of owner s (T for owners past the padding)
-        first = jnp.clip(cu_q_lens_at(jnp.minimum(s, num_live)), 0, num_tokens)
+        first = jnp.clip(cu_q_lens_at(jnp.minimum(s, last)), 0, num_tokens)
         return jnp.where(s <= num_live, first, num_tokens)
 
-    def first_slot(s):
-        return s + lax.div(start(s), jnp.int32(tq))
+    def first_slot(s, start_s):
+        return s + lax.div(start_s, jnp.int32(tq))
 
-    lo, hi = jnp.int32(0), jnp.int32(max_num_seqs + 1)  # owner in [lo, hi)
-    for _ in range(math.ceil(math.log2(max_num_seqs + 1))):
-        mid = lax.div(lo + hi, jnp.int32(2))
-        right = first_slot(mid) <= slot
-        lo, hi = jnp.where(right, mid, lo), jnp.where(right, hi, mid)
-    owner = lo
-    first = start(owner)
-    end = jnp.where(
-        owner < num_live,
-        jnp.clip(cu_q_lens_at(jnp.minimum(owner + 1, max_num_seqs)), first, num_tokens),
-        num_tokens,
+    def described(owner, first, next_start, kv_len) -> Tile:
+        # next_start = start(owner + 1): the live owner's end, T for the padding owner.
+        end = jnp.clip(next_start, first, num_tokens)
+        t0 = first + (slot - first_slot(owner, first)) * tq
+        num = jnp.where(first_slot(owner, first) <= slot, jnp.clip(end - t0, 0, tq), 0)
+        seq = jnp.minimum(owner, max_num_seqs - 1)
+        is_seq = (owner < num_live) & (num > 0)
+        pos0 = jnp.where(is_seq, kv_len - (end - first) + (t0 - first), 0)
+        kv_hi = jnp.where(is_seq, pos0 + num, 0)
+        kv_lo = jnp.zeros_like(kv_hi)
+        if sliding_window is not None:
+            kv_lo = jnp.where(is_seq, jnp.maximum(pos0 - sliding_window + 1, 0), 0)
+        return Tile(seq=seq, t0=t0, num=num, pos0=pos0, kv_lo=kv_lo, kv_hi=kv_hi)
+
+    def of_owner(owner) -> Tile:
+        return described(
+            owner, start(owner), start(owner + 1), kv_lens_at(jnp.minimum(owner, last - 1))
+        )
+
+    def search() -> Tile:
+        lo, hi = jnp.int32(0), jnp.int32(max_num_seqs + 1)  # owner in [lo, hi)
+        for _ in range(math.ceil(math.log2(max_num_seqs + 1))):
+            mid = lax.div(lo + hi, jnp.int32(2))
+            right = first_slot(mid, start(mid)) <= slot
+            lo, hi = jnp.where(right, mid, lo), jnp.where(right, hi, mid)
+        return of_owner(lo)
+
+    if not guess:
+        return search()
+    # first_slot is strictly increasing, so owner = g iff first_slot(g) <= slot <
+    # first_slot(g + 1) (g = S, the padding owner, has no upper neighbour to check: its
+    # run ends at the last slot).
+    g = jnp.clip(slot - lax.div(slot + 1, jnp.int32(tq + 1)), 0, max_num_seqs)
+    start_g, start_next = start(g), start(g + 1)
+    hit = (first_slot(g, start_g) <= slot) & (
+        (g == max_num_seqs) | (slot < first_slot(g + 1, start_next))
     )
-    t0 = first + (slot - first_slot(owner)) * tq
-    num = jnp.where(first_slot(owner) <= slot, jnp.clip(end - t0, 0, tq), 0)
-    seq = jnp.minimum(owner, max_num_seqs - 1)
-    is_seq = (owner < num_live) & (num > 0)
-    pos0 = jnp.where(is_seq, kv_lens_at(seq) - (end - first) + (t0 - first), 0)
-    kv_hi = jnp.where(is_seq, pos0 + num, 0)
-    kv_lo = jnp.zeros_like(kv_hi)
-    if sliding_window is not None:
-        kv_lo = jnp.where(is_seq, jnp.maximum(pos0 - sliding_window + 1, 0), 0)
-    return Tile(seq=seq, t0=t0, num=num, pos0=pos0, kv_lo=kv_lo, kv_hi=kv_hi)
+    guessed = described(g, start_g, start_next, kv_lens_at(jnp.minimum(g, last - 1)))
+    return lax.cond(hit, lambda: guessed, search)
 
 
 def tile_metadata(
@@ -103,6 +129,7 @@ def tile_metadata(
     num_tokens: int,
     tokens_per_tile: int,
     sliding_window: int | None,
+    guess: bool = True,
 ) -> Tile:  # each field i32[num_slots]
     """find_tile for every slot at once (what the kernel's CTAs compute, for tests)."""
     max_num_seqs = kv_lens.shape[0]
@@ -118,6 +145,7 @@ def tile_metadata(
             num_tokens=num_tokens,
             tokens_per_tile=tokens_per_tile,
             sliding_window=sliding_window,
+            guess=guess,
         )
 
     slots = jnp.arange(num_slots(max_num_seqs, num_tokens, tokens_per_tile), dtype=jnp.int32)
@@ -148,17 +176,16 @@ def merge_splits(
     """out = sum_p 2^(lse_p - m) * out_p / sum_p 2^(lse_p - m), m = max_p lse_p, in f32.
 
     Empty splits carry lse = -inf and weigh 0; rows no split saw (padding) come out 0.
-    Two elementwise passes with the sums over the (few) splits unrolled: normalised
-    weights [P, T, N] (one exp2 per row and split), then the weighted sum over [T, N, H]."""
-    lse = [lse_parts[p] for p in range(lse_parts.shape[0])]  # [T, N] each
+    Written as one elementwise expression over [T, N, H] with the (few) splits unrolled,
+    so that XLA emits a single loop fusion: at small batches the merge costs about one
+    kernel launch, and a second fusion (weights first, then the weighted sum) measured
+    as much again."""
+    lse = [lse_parts[p][..., None] for p in range(lse_parts.shape[0])]  # [T, N, 1] each
     top = functools.reduce(jnp.maximum, lse)
     top = jnp.where(top == -jnp.inf, 0.0, top)
     weights = [jnp.exp2(x - top) for x in lse]
     total = functools.reduce(jnp.add, weights)
-    total = jnp.where(total > 0, total, 1.0)
-    weights = jnp.stack([w / total for w in weights])  # [P, T, N]
     out = functools.reduce(
-        jnp.add,
-        [weights[p][..., None] * out_parts[p].astype(jnp.float32) for p in range(len(lse))],
+        jnp.add, [w * out_parts[p].astype(jnp.float32) for p, w in enumerate(weights)]
     )  # [T, N, H]
-    return out.astype(dtype)
+    return (out / jnp.where(total > 0, total, 1.0)).astype(dtype)

@@ -119,6 +119,33 @@ def test_tiles_cover_every_token_once(kind, group):
     assert (seen == 1).all()
 
 
+@pytest.mark.parametrize("group", [1, 4, 7])
+def test_the_decode_guess_finds_the_same_tiles_as_the_search(group):
+    """find_tile guesses each slot's owner as if every sequence had one token and falls
+    back to a binary search when the guess is wrong: both must agree on decode batches
+    (full and partly empty), on ragged batches, and on padding tokens past the last."""
+    tq = tokens_per_tile(group)
+    rs = np.random.RandomState(group)
+    cases = [
+        ([1] * 9, 9, 9),  # all decodes
+        ([1] * 5, 9, 7),  # decodes, 4 empty sequence slots and 2 padding tokens
+        ([1] * 3 + [0] * 2 + [1] * 2, 7, 7),  # sequences of no tokens among decodes
+    ]
+    for _ in range(20):
+        q_lens = rs.randint(0, 3 * tq, size=rs.randint(1, 8)).tolist()
+        cases.append((q_lens, len(q_lens) + rs.randint(0, 3), sum(q_lens) + rs.randint(0, 5)))
+    for q_lens, max_num_seqs, num_tokens in cases:
+        cu = np.zeros(max_num_seqs + 1, np.int32)
+        cu[1 : len(q_lens) + 1] = np.cumsum(q_lens)
+        cu[len(q_lens) + 1 :] = cu[len(q_lens)]
+        kv_lens = np.zeros(max_num_seqs, np.int32)
+        kv_lens[: len(q_lens)] = np.asarray(q_lens) + rs.randint(0, 500, size=len(q_lens))
+        args = (jnp.asarray(kv_lens), jnp.asarray(cu), jnp.array([len(q_lens)], jnp.int32))
+        kw = dict(num_tokens=max(num_tokens, 1), tokens_per_tile=tq, sliding_window=None)
+        guessed = tile_rows(tile_metadata(*args, **kw, guess=True))
+        assert guessed == tile_rows(tile_metadata(*args, **kw, guess=False)), (q_lens, cu)
+
+
 def test_split_blocks_partition_the_key_range():
     rs = np.random.RandomState(0)
     for _ in range(200):
