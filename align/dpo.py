@@ -1,5 +1,10 @@
 """Direct preference optimisation and its reference-free relatives (SimPO, ORPO).
 
+`DPOConfig.loss` picks one: 'dpo' (any `loss_type`, against a frozen copy of the initial
+policy), 'simpo' (length-averaged logps, margin `simpo_gamma`) or 'orpo' (chosen NLL plus the
+odds-ratio term); the last two build no reference. All three run from the same gin file:
+`tandem train dpo --gin_file train/dpo_tiny.gin --gin_param "DPOConfig.loss='simpo'"`.
+
 A batch holds pairs: `chosen_tokens`, `chosen_mask`, `rejected_tokens`, `rejected_mask`, each
 [B, T] (masks mark the completion tokens). The frozen reference's summed logps are computed
 in `prepare` (timed as `time/reference`), so the jitted step differentiates the policy only.
@@ -78,6 +83,7 @@ class DPO:
                 avg[num_pairs:],
                 beta=cfg.beta,
                 gamma=cfg.simpo_gamma,
+                label_smoothing=cfg.label_smoothing,
                 normalizer=normalizer,
             )
         token_mask = mask.at[:, 0].set(0)

@@ -2,14 +2,21 @@
 
 The reward of a sequence is `score . norm(h_last)`, h_last being the trunk's output at the
 last completion token (the EOS), as in HF's `*ForSequenceClassification` with one label.
-The trunk drops the LM head (an unused head would never be trained). `save_reward_model`
-writes the trunk in HF format (as a tied-embedding causal LM, so tandem's loader reads it)
-plus `score.safetensors`; `RewardModelScorer` makes a saved model a reward function for RL.
+The trunk drops the LM head (an unused head would never be trained).
+
+On disk a reward model is what TRL's RewardTrainer writes: a `*ForSequenceClassification`
+checkpoint with `num_labels = 1`, the trunk under HF's `model.*` names plus `score.weight`
+[1, D], and `pad_token_id` set so that transformers pools the last non-pad token. It loads in
+`transformers.AutoModelForSequenceClassification` and scores the same. `load_reward_model`
+also reads such checkpoints written by transformers, and the layout tandem wrote before (a
+tied causal LM plus `score.safetensors`). `RewardModelScorer` makes a saved model a reward
+function for RL.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -23,9 +30,26 @@ from tandem.align.losses import get_loss
 from tandem.align.policy import load_policy
 from tandem.align.train_config import TrainConfig
 from tandem.align.trainer import RunResult, build_mesh, fit
+from tandem.model.config import ModelConfig, to_hf_config
+from tandem.model.hf import (
+    IGNORED_SUFFIXES,
+    SINGLE_FILE,
+    _tensor_files,
+    load_config,
+    load_model,
+    weight_table,
+)
+from tandem.model.safetensors_io import CheckpointError, read_safetensors, write_safetensors
 from tandem.model.transformer import Transformer
 
-SCORE_FILE = "score.safetensors"
+SCORE_WEIGHT = "score.weight"  # HF's head: [num_labels = 1, D]
+SCORE_FILE = "score.safetensors"  # the head in tandem's earlier layout: {"score": [D]}
+ARCHITECTURES = {
+    "llama": "LlamaForSequenceClassification",
+    "mistral": "MistralForSequenceClassification",
+    "qwen2": "Qwen2ForSequenceClassification",
+    "qwen3": "Qwen3ForSequenceClassification",
+}
 
 
 class RewardModel(nnx.Module):
@@ -82,29 +106,124 @@ class RewardTrainer:
         return {}
 
 
-def save_reward_model(model: RewardModel, tokenizer, out_dir: str) -> None:
-    from safetensors.numpy import save_file
+# --- Hugging Face sequence-classification checkpoints --------------------------------------
 
-    from tandem.model.hf import save_model
 
-    save_model(model.trunk, out_dir)
-    save_file(
-        {"score": np.asarray(jax.device_get(model.score[...]))}, os.path.join(out_dir, SCORE_FILE)
+def seq_cls_config(cfg: ModelConfig, *, pad_token_id: int | None, dtype) -> dict:
+    """The config.json of a one-label `*ForSequenceClassification` with `cfg`'s trunk."""
+    hf = to_hf_config(cfg)
+    hf.update(
+        architectures=[ARCHITECTURES[cfg.model_type]],
+        # transformers counts labels from id2label; num_labels is written for readers.
+        num_labels=1,
+        id2label={"0": "LABEL_0"},
+        label2id={"LABEL_0": 0},
+        # transformers scores the last token that is not padding (its only way to find it).
+        pad_token_id=pad_token_id,
+        torch_dtype=str(jnp.dtype(dtype)),
     )
+    return hf
+
+
+def save_reward_model(model: RewardModel, tokenizer, out_dir: str) -> None:
+    """Writes `model` as a one-label HF sequence classifier (one safetensors file) with its
+    tokenizer; `pad_token_id` is the tokenizer's pad (its EOS without one, as TRL does)."""
+    trunk = model.trunk
+    table = weight_table(trunk.config)
+    tensors = {}
+    for path, variable in nnx.to_flat_state(nnx.state(trunk, nnx.Param)):
+        hf_name, _, to_hf = table[path]
+        tensors[hf_name] = to_hf(np.asarray(jax.device_get(variable[...])))
+    tensors[SCORE_WEIGHT] = np.asarray(jax.device_get(model.score[...]))[None, :]  # [1, D]
+    os.makedirs(out_dir, exist_ok=True)
+    # A head left by the earlier layout would contradict the one written now.
+    if os.path.isfile(os.path.join(out_dir, SCORE_FILE)):
+        os.remove(os.path.join(out_dir, SCORE_FILE))
+    write_safetensors(os.path.join(out_dir, SINGLE_FILE), tensors)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    hf = seq_cls_config(trunk.config, pad_token_id=pad, dtype=trunk.embed[...].dtype)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
     tokenizer.save_pretrained(out_dir)
 
 
 def load_reward_model(model_dir: str, *, dtype=jnp.float32) -> RewardModel:
-    from safetensors.numpy import load_file
+    """A reward model from an HF one-label sequence-classification checkpoint (written by
+    tandem or by transformers/TRL) or from tandem's earlier layout (causal LM +
+    score.safetensors). Errors name the file and the key that is wrong."""
+    cfg = load_config(model_dir)  # a missing directory or config.json fails here, named
+    config_path = os.path.join(model_dir, "config.json")
+    with open(config_path) as f:
+        hf = json.load(f)
+    architectures = hf.get("architectures") or []
+    is_causal_lm = not any(a.endswith("ForSequenceClassification") for a in architectures)
+    if is_causal_lm and os.path.isfile(os.path.join(model_dir, SCORE_FILE)):
+        return _load_causal_lm_layout(model_dir, dtype)
+    tensors = _read_tensors(model_dir)
+    if SCORE_WEIGHT not in tensors:
+        raise CheckpointError(
+            f"{model_dir}: tensor {SCORE_WEIGHT!r} is missing, so this is not a reward model "
+            f"(expected a *ForSequenceClassification checkpoint with num_labels = 1)"
+        )
+    # transformers' rule: id2label decides, then num_labels, then its default of 2.
+    num_labels = len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels", 2)
+    if num_labels != 1:
+        raise CheckpointError(
+            f"{config_path}: num_labels is {num_labels}; a reward model has one label (its score)"
+        )
+    score, score_file = tensors.pop(SCORE_WEIGHT)
+    if score.shape != (1, cfg.hidden_size):
+        raise CheckpointError(
+            f"{score_file}: tensor {SCORE_WEIGHT!r} has shape {tuple(score.shape)}, expected "
+            f"[1, hidden_size] = [1, {cfg.hidden_size}]"
+        )
+    model = RewardModel(_trunk(model_dir, cfg, tensors, dtype), rngs=nnx.Rngs(0))
+    model.score[...] = jnp.asarray(score[0], dtype)
+    return model
 
-    from tandem.model.hf import load_model
-    from tandem.model.safetensors_io import CheckpointError
 
+def _read_tensors(model_dir: str) -> dict[str, tuple[np.ndarray, str]]:
+    """Every tensor of the checkpoint (memory-mapped) with the file that holds it."""
+    files = _tensor_files(model_dir)
+    out = {}
+    for path in sorted(set(files.values())):
+        out.update({name: (array, path) for name, array in read_safetensors(path).items()})
+    return out
+
+
+def _trunk(model_dir: str, cfg: ModelConfig, tensors: dict, dtype) -> Transformer:
+    """The decoder stack (no LM head) from HF-named tensors; every tensor must find a place."""
+    cfg = cfg.replace(tie_word_embeddings=True)  # no lm_head in the model or the table
+    table = weight_table(cfg)
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    flat = dict(nnx.to_flat_state(abstract_state))
+    for key, variable in flat.items():
+        hf_name, to_ours, _ = table[key]
+        if hf_name not in tensors:
+            raise CheckpointError(f"{model_dir}: tensor {hf_name!r} is missing")
+        raw, file = tensors.pop(hf_name)
+        try:
+            view = to_ours(raw)
+        except ValueError:  # a reshape that the tensor's size does not allow
+            view = None
+        if view is None or view.shape != variable.shape:
+            raise CheckpointError(
+                f"{file}: tensor {hf_name!r} has shape {tuple(raw.shape)}, which does not fit "
+                f"{key} of shape {variable.shape} (config.json disagrees with the weights)"
+            )
+        flat[key] = variable.replace(jnp.asarray(np.asarray(view), dtype))
+    extra = sorted(n for n in tensors if not n.endswith(IGNORED_SUFFIXES))
+    if extra:
+        raise CheckpointError(f"{model_dir}: tensors a reward model has no place for: {extra[:5]}")
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _load_causal_lm_layout(model_dir: str, dtype) -> RewardModel:
+    """tandem's earlier layout: the trunk as a tied causal LM, the head in SCORE_FILE."""
     path = os.path.join(model_dir, SCORE_FILE)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: missing; {model_dir} is not a tandem reward model")
     model = RewardModel(load_model(model_dir, dtype=dtype), rngs=nnx.Rngs(0))
-    score = load_file(path).get("score")
+    score = read_safetensors(path).get("score")
     if score is None or score.shape != (model.trunk.config.hidden_size,):
         raise CheckpointError(f"{path}: expected a 'score' tensor of shape [hidden_size]")
     model.score[...] = jnp.asarray(score, dtype)
@@ -113,7 +232,7 @@ def load_reward_model(model_dir: str, *, dtype=jnp.float32) -> RewardModel:
 
 class RewardModelScorer:
     """A reward function (TRL's signature) backed by a reward model: scores prompt+completion
-    at its last token."""
+    at its last token, as transformers pools a right-padded batch."""
 
     def __init__(self, model: RewardModel, tokenizer, *, max_length: int = 1024):
         self.tokenizer = tokenizer
@@ -128,11 +247,13 @@ class RewardModelScorer:
             self.tokenizer.encode(p + c, add_special_tokens=False)[-self.max_length :]
             for p, c in zip(prompts, completions)
         ]
+        # Widths are powers of two (at least 8), so few distinct shapes compile.
         width = max(8, 1 << (max(len(x) for x in ids) - 1).bit_length())
-        tokens = np.zeros((len(ids), width), np.int32)
+        # Right padding is never attended (the mask is causal) and never scored.
+        tokens = np.zeros((len(ids), width), np.int32)  # [B, T]
         for i, row in enumerate(ids):
             tokens[i, : len(row)] = row
-        last = np.array([len(row) - 1 for row in ids], np.int32)
+        last = np.array([len(row) - 1 for row in ids], np.int32)  # [B]
         return np.asarray(self._score(self._state, tokens, last)).tolist()
 
 

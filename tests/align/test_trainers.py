@@ -116,6 +116,9 @@ def test_dpo_and_reward_model_change_every_parameter(tmp_path, files):
     # The trunk drops the LM head (nothing trains it); everything else changes.
     assert_all_changed(before, nnx.state(result.module.trunk), skip=("lm_head",))
     rm_dir = str(tmp_path / "rm" / "run" / "hf")
+    # Saved as TRL saves a reward model (tests/align/test_reward_model_hf.py: parity).
+    config = json.loads((tmp_path / "rm" / "run" / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"]
     saved = load_reward_model(rm_dir)
     np.testing.assert_array_equal(
         np.asarray(saved.score[...]), np.asarray(result.module.score[...])
@@ -129,6 +132,45 @@ def test_dpo_and_reward_model_change_every_parameter(tmp_path, files):
     metrics = train_grpo(cfg, rl).last_metrics
     assert np.isfinite(metrics["rewards/reward_model"])
     assert metrics["reward/std"] > 0  # a learned score, not a constant
+
+
+@pytest.mark.parametrize("loss", ["simpo", "orpo"])
+def test_reference_free_preference_losses_train_from_the_dpo_config(tmp_path, files, loss):
+    """SimPO and ORPO are the DPO trainer with one binding changed on the command line:
+    `tandem train dpo --gin_file train/dpo_tiny.gin --gin_param DPOConfig.loss='simpo'`."""
+    from tandem.align.metrics_log import read_metrics
+    from tandem.cli.main import main
+    from tandem.model.hf import load_model
+
+    run_dir = tmp_path / "run"
+    bindings = (
+        *TINY,
+        f"TrainConfig.train_file = '{files['preferences']}'",
+        f"TrainConfig.run_dir = '{run_dir}'",
+        "TrainConfig.num_steps = 2",
+        "TrainConfig.batch_size = 8",
+        "TrainConfig.max_length = 16",
+        "TrainConfig.learning_rate = 1e-2",
+        "TrainConfig.progress = False",
+        f"DPOConfig.loss = '{loss}'",
+    )
+    argv = ["train", "dpo", "--gin_file", "train/dpo_tiny.gin"]
+    for binding in bindings:
+        argv += ["--gin_param", binding]
+    gin.clear_config()  # a fresh process, as the command line has
+    assert main(argv) == 0
+    # The run's config is still bound: rebuild the policy it started from, and compare the
+    # exported checkpoint (the trained weights, saved in f32) with it.
+    before = initial_params(TrainConfig())
+    assert_all_changed(before, nnx.state(load_model(str(run_dir / "hf"))))
+    last = read_metrics(run_dir / "metrics.jsonl")[-1]
+    assert last["step"] == 2
+    for key in ("loss", "grad_norm", "rewards/margin", "rewards/accuracy"):
+        assert np.isfinite(last[key]), key
+    # No frozen reference is built or run for either loss.
+    assert "time/reference" not in last
+    if loss == "orpo":
+        assert last["nll"] > 0
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
