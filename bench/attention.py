@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tandem.bench.common import add_flag
+from tandem.bench.device_time import device_seconds
 from tandem.pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference
 
 PEERS = ("triton", "xla", "cudnn")
@@ -63,11 +64,11 @@ def time_call(fn, args, *, samples: int, inner: int) -> float:
     return statistics.median(times)
 
 
-def memory_bandwidth(samples: int) -> dict[str, float]:
-    """Bytes/s measured on COPY_BYTES of data: `copy` is the best of three device copies
-    (an XLA memcpy, bf16 x + 1, f32 x * 2; bytes read + bytes written), `read` a bf16 sum
-    (bytes read). The kernel's figure is compared with the copy, as the issue asks, and
-    with the read, which is what a decode kernel does."""
+def memory_bandwidth(calls: int) -> dict[str, float]:
+    """Bytes/s measured on COPY_BYTES of data by device time: `copy` is the best of three
+    device copies (an XLA memcpy, bf16 x + 1, f32 x * 2; bytes read + bytes written),
+    `read` a bf16 sum (bytes read). The kernel's figure is compared with the copy, as the
+    issue asks, and with the read, which is what a decode kernel does."""
     x = jnp.ones((COPY_BYTES // 2,), jnp.bfloat16)
     y = jnp.ones((COPY_BYTES // 4,), jnp.float32)
     copies = [
@@ -75,10 +76,36 @@ def memory_bandwidth(samples: int) -> dict[str, float]:
         (jax.jit(lambda a: a + 1), x),
         (jax.jit(lambda a: a * 2), y),
     ]
-    copy = max(2 * a.nbytes / time_call(f, (a,), samples=samples, inner=5) for f, a in copies)
+    copy = max(2 * a.nbytes / device_seconds(f, (a,), calls=calls) for f, a in copies)
     total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
-    read = x.nbytes / time_call(total, (x,), samples=samples, inner=5)
+    read = x.nbytes / device_seconds(total, (x,), calls=calls)
     return dict(copy=copy, read=read)
+
+
+def matmul_rate(calls: int, n: int = 8192) -> float:
+    """bf16 FLOP/s of an n x n x n matrix product (f32 accumulation), by device time."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(jnp.bfloat16)
+    return 2 * n**3 / device_seconds(jax.jit(jnp.matmul), (a, b), calls=calls)
+
+
+def launch_floor(args) -> dict[str, float]:
+    """A trivial op ([B=8, 32, 128] x 2 + 1) chained like the kernels: its wall time per
+    call is what launching one kernel costs on this machine, its device time the least a
+    kernel takes."""
+    x = jnp.ones((args.reps, 8, args.num_q_heads, args.head_dim), jnp.bfloat16)
+
+    def run(x):
+        outs = []
+        for r in range(args.reps):
+            a = jax.lax.optimization_barrier((x[r], *outs[-1:]))[0]
+            outs.append(a * 2 + 1)
+        return outs
+
+    fn = jax.jit(run)
+    wall = time_call(fn, (x,), samples=args.samples, inner=args.inner)
+    device = device_seconds(fn, (x,), calls=args.inner)
+    return dict(wall_us=wall / args.reps * 1e6, dev_us=device / args.reps * 1e6)
 
 
 def make_case(rng, *, batch, context, num_q_heads, num_kv_heads, head_dim, page_size, reps):
@@ -195,15 +222,14 @@ def decode_rows(args, bandwidth):
                 for name, (fn, flat) in implementations(
                     case, sm_scale=sm_scale, peers=args.peers
                 ).items():
+                    call_args = (case["qs"], *flat)
                     try:
-                        seconds = time_call(
-                            fn, (case["qs"], *flat), samples=args.samples, inner=args.inner
-                        )
-                        row[f"{name}_us"] = seconds / args.reps * 1e6
-                        outs[name] = fn(case["qs"], *flat)[0]
-                    except (
-                        Exception
-                    ) as e:  # a peer that cannot run this shape is reported, not fatal
+                        wall = time_call(fn, call_args, samples=args.samples, inner=args.inner)
+                        device = device_seconds(fn, call_args, calls=args.inner)
+                        row[f"{name}_wall_us"] = wall / args.reps * 1e6
+                        row[f"{name}_us"] = device / args.reps * 1e6
+                        outs[name] = fn(*call_args)[0]
+                    except Exception as e:  # a peer that cannot run this shape is reported
                         row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 if "tandem_us" in row:
                     row["tandem_TBps"] = io_bytes / row["tandem_us"] / 1e6
@@ -212,6 +238,7 @@ def decode_rows(args, bandwidth):
                     for peer in args.peers:
                         if f"{peer}_us" in row:
                             row[f"x_{peer}"] = row[f"{peer}_us"] / row["tandem_us"]
+                            row[f"x_{peer}_wall"] = row[f"{peer}_wall_us"] / row["tandem_wall_us"]
                 if "tandem" in outs and "xla" in outs:
                     diff = outs["tandem"].astype(jnp.float32) - outs["xla"].astype(jnp.float32)
                     row["max_abs_diff_vs_xla"] = float(jnp.max(jnp.abs(diff)))
@@ -221,42 +248,79 @@ def decode_rows(args, bandwidth):
     return rows
 
 
-def mixed_row(args):
-    """Decodes at 4k context plus prefill chunks: the kernel vs the reference."""
-    rng = np.random.default_rng(1)
-    page_size, k, h = args.page_size, args.num_kv_heads, args.head_dim
-    seqs = [(1, 4096)] * 32 + [(512, 2048), (512, 1024), (256, 4096)]
-    pages_per_seq = 4096 // page_size
-    num_pages = len(seqs) * pages_per_seq
-    num_tokens = sum(q for q, _ in seqs)
-    cache = jax.random.normal(jax.random.key(7), (num_pages, page_size, 2 * k, h)).astype(
-        jnp.bfloat16
-    )
-    q = jax.random.normal(jax.random.key(8), (num_tokens, args.num_q_heads, h)).astype(jnp.bfloat16)
-    pi = jnp.asarray(rng.permutation(num_pages).astype(np.int32).reshape(len(seqs), -1))
-    lens = jnp.asarray([kv for _, kv in seqs], jnp.int32)
-    cu = jnp.asarray(np.concatenate([[0], np.cumsum([q_ for q_, _ in seqs])]), jnp.int32)
-    ns = jnp.array([len(seqs)], jnp.int32)
+# (q_len, kv_len) per sequence: a mixed step of the engine (decodes and prefill chunks)
+# and a batch of whole prompts.
+CHUNKED_CASES = {
+    "mixed: 32 decodes @4k + 3 prefill chunks": [(1, 4096)] * 32
+    + [(512, 2048), (512, 1024), (256, 4096)],
+    "prefill: 8 prompts of 2048": [(2048, 2048)] * 8,
+}
+
+
+def attention_flops(seqs, num_q_heads: int, head_dim: int) -> int:
+    """Useful FLOPs (QK^T and PV, 2 per multiply-add) of causal attention: the token at
+    position p sees p + 1 keys."""
+    visible = sum(q * (kv - q) + q * (q + 1) // 2 for q, kv in seqs)
+    return 4 * visible * num_q_heads * head_dim
+
+
+def chunked_rows(args, matmul_flops: float):
+    """Prefill chunks and mixed batches: tandem (device time) against the reference the
+    dispatcher would otherwise run (wall time: it is slow enough that launches do not
+    count), cuDNN's causal flash attention on a contiguous copy for whole prompts, and
+    the useful FLOP/s as a fraction of the bf16 matmul rate measured in the same run."""
+    rows = []
+    page_size, k, h, n = args.page_size, args.num_kv_heads, args.head_dim, args.num_q_heads
     kw = dict(sm_scale=h**-0.5)
     kernel = jax.jit(lambda *a: ragged_paged_attention(*a, **kw))
     ref = jax.jit(lambda *a: ragged_paged_attention_reference(*a, **kw))
-    a = (q, cache, lens, pi, cu, ns)
-    row = dict(case=f"mixed: 32 decodes @4k + 3 prefill chunks ({num_tokens} tokens)")
-    row["tandem_us"] = time_call(kernel, a, samples=args.samples, inner=2) * 1e6
-    row["reference_us"] = time_call(ref, a, samples=max(3, args.samples // 4), inner=1) * 1e6
-    row["x_reference"] = row["reference_us"] / row["tandem_us"]
-    diff = kernel(*a).astype(jnp.float32) - ref(*a).astype(jnp.float32)
-    row["max_abs_diff_vs_reference"] = float(jnp.max(jnp.abs(diff)))
-    print(json.dumps(row), flush=True)
-    return row
+    for seed, (label, seqs) in enumerate(CHUNKED_CASES.items()):
+        rng = np.random.default_rng(seed)
+        pages_per_seq = -(-max(kv for _, kv in seqs) // page_size)
+        num_pages = len(seqs) * pages_per_seq
+        num_tokens = sum(q for q, _ in seqs)
+        keys = jax.random.split(jax.random.key(seed), 2)
+        cache = jax.random.normal(keys[0], (num_pages, page_size, 2 * k, h)).astype(jnp.bfloat16)
+        q = jax.random.normal(keys[1], (num_tokens, n, h)).astype(jnp.bfloat16)
+        pi = jnp.asarray(rng.permutation(num_pages).astype(np.int32).reshape(len(seqs), -1))
+        lens = jnp.asarray([kv for _, kv in seqs], jnp.int32)
+        cu = jnp.asarray(np.concatenate([[0], np.cumsum([q_ for q_, _ in seqs])]), jnp.int32)
+        a = (q, cache, lens, pi, cu, jnp.array([len(seqs)], jnp.int32))
+        flops = attention_flops(seqs, n, h)
+        row = dict(case=f"{label} ({num_tokens} tokens)", flops=flops)
+        row["tandem_us"] = device_seconds(kernel, a, calls=args.inner) * 1e6
+        row["tandem_wall_us"] = time_call(kernel, a, samples=args.samples, inner=2) * 1e6
+        row["TFLOPs"] = flops / row["tandem_us"] / 1e6
+        row["mfu"] = flops / (row["tandem_us"] * 1e-6) / matmul_flops
+        row["reference_us"] = time_call(ref, a, samples=max(3, args.samples // 4), inner=1) * 1e6
+        row["x_reference"] = row["reference_us"] / row["tandem_us"]
+        diff = kernel(*a).astype(jnp.float32) - ref(*a).astype(jnp.float32)
+        row["max_abs_diff_vs_reference"] = float(jnp.max(jnp.abs(diff)))
+        if "cudnn" in args.peers and all(ql == kv for ql, kv in seqs) and len(set(seqs)) == 1:
+            kv = gather_kv(cache, pi)  # [B, S, 2K, H]: whole prompts, one length
+            qb = q.reshape(len(seqs), seqs[0][0], n, h)
+
+            def cudnn(qb, kk, vv):
+                return jax.nn.dot_product_attention(
+                    qb, kk, vv, is_causal=True, implementation="cudnn", **{"scale": kw["sm_scale"]}
+                )
+
+            cargs = (qb, kv[:, :, 0::2], kv[:, :, 1::2])
+            row["cudnn_us"] = device_seconds(jax.jit(cudnn), cargs, calls=args.inner) * 1e6
+            row["x_cudnn"] = row["cudnn_us"] / row["tandem_us"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
 
 
-def format_rows(rows, bandwidth, peers) -> str:
+def format_rows(rows, bandwidth, peers, floor) -> str:
     lines = [
         f"copy bandwidth (read+write): {bandwidth['copy'] / 1e12:.2f} TB/s, "
-        f"read bandwidth: {bandwidth['read'] / 1e12:.2f} TB/s",
-        f"{'B':>4} {'ctx':>6} {'tandem us':>10} {'TB/s':>6} {'%copy':>6} {'%read':>6}"
-        + "".join(f" {p + ' us':>10} {'x' + p:>8}" for p in peers),
+        f"read bandwidth: {bandwidth['read'] / 1e12:.2f} TB/s; a trivial op in the same chain: "
+        f"{floor['wall_us']:.1f} us wall, {floor['dev_us']:.1f} us device",
+        "device time per call (GPU busy); wall = per-call wall time of the chain",
+        f"{'B':>4} {'ctx':>6} {'wall us':>8} {'tandem us':>10} {'TB/s':>6}"
+        f" {'%copy':>6} {'%read':>6}" + "".join(f" {p + ' us':>10} {'x' + p:>8}" for p in peers),
     ]
     for r in rows:
         if "tandem_us" not in r:
@@ -264,11 +328,26 @@ def format_rows(rows, bandwidth, peers) -> str:
                 f"{r['batch']:>4} {r['context']:>6}  tandem failed: {r.get('tandem_error')}"
             )
             continue
-        line = f"{r['batch']:>4} {r['context']:>6} {r['tandem_us']:>10.1f} {r['tandem_TBps']:>6.2f}"
+        line = f"{r['batch']:>4} {r['context']:>6} {r['tandem_wall_us']:>8.1f}"
+        line += f" {r['tandem_us']:>10.1f} {r['tandem_TBps']:>6.2f}"
         line += f" {100 * r['frac_copy']:>5.1f}% {100 * r['frac_read']:>5.1f}%"
         for p in peers:
             us, x = r.get(f"{p}_us"), r.get(f"x_{p}")
             line += f" {us:>10.1f} {x:>8.2f}" if us else f" {'n/a':>10} {'':>8}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def format_chunked(rows, matmul_flops: float) -> str:
+    lines = [f"bf16 matmul (8192^3): {matmul_flops / 1e12:.0f} TFLOP/s"]
+    for r in rows:
+        line = (
+            f"{r['case']}: tandem {r['tandem_us']:.1f} us ({r['tandem_wall_us']:.1f} wall), "
+            f"{r['TFLOPs']:.0f} TFLOP/s, MFU {100 * r['mfu']:.1f}%; "
+            f"reference {r['reference_us']:.1f} us, x{r['x_reference']:.1f}"
+        )
+        if "cudnn_us" in r:
+            line += f"; cudnn causal {r['cudnn_us']:.1f} us, x{r['x_cudnn']:.2f}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -288,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inner", type=int, default=5)
     parser.add_argument("--reps", type=int, default=8, help="kernel calls per jitted call")
     parser.add_argument(
-        "--mixed", action="store_true", help="also time a mixed prefill+decode batch"
+        "--mixed",
+        action="store_true",
+        help="also time prefill and mixed prefill+decode batches (FLOP/s, MFU)",
     )
     add_flag(parser, "--result-json", default=None)
     args = parser.parse_args(argv)
@@ -301,15 +382,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = jax.devices()[0]
     print(f"device: {device.device_kind}, jax {jax.__version__}", flush=True)
-    bandwidth = memory_bandwidth(args.samples)
+    bandwidth = memory_bandwidth(args.inner)
+    floor = launch_floor(args)
     rows = decode_rows(args, bandwidth)
-    mixed = mixed_row(args) if args.mixed else None
-    print(format_rows(rows, bandwidth, args.peers))
-    if mixed:
-        print(
-            f"{mixed['case']}: tandem {mixed['tandem_us']:.1f} us, "
-            f"reference {mixed['reference_us']:.1f} us, x{mixed['x_reference']:.1f}"
-        )
+    matmul_flops = matmul_rate(args.inner) if args.mixed else None
+    chunked = chunked_rows(args, matmul_flops) if args.mixed else []
+    print(format_rows(rows, bandwidth, args.peers, floor))
+    if chunked:
+        print(format_chunked(chunked, matmul_flops))
     if args.result_json:
         with open(args.result_json, "w") as f:
             json.dump(
@@ -317,8 +397,10 @@ def main(argv: list[str] | None = None) -> int:
                     device=device.device_kind,
                     jax=jax.__version__,
                     bandwidth_Bps=bandwidth,
+                    launch_floor=floor,
+                    matmul_flops=matmul_flops,
                     rows=rows,
-                    mixed=mixed,
+                    chunked=chunked,
                 ),
                 f,
                 indent=1,
