@@ -54,7 +54,9 @@ class DPOConfig:
     beta: float = 0.1
     """TRL's default."""
     label_smoothing: float = 0.0
-    """cDPO / robust DPO epsilon."""
+    """Label-smoothing epsilon in [0, 0.5): cDPO / robust DPO for loss=dpo (loss_type sigmoid
+    or robust), and the same smoothing of SimPO's sigmoid for loss=simpo, as TRL's
+    CPOTrainer applies it. ORPO does not use it."""
     simpo_gamma: float = 0.5
     """SimPO's target margin gamma (TRL's default)."""
 

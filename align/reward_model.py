@@ -32,17 +32,16 @@ from tandem.align.train_config import TrainConfig
 from tandem.align.trainer import RunResult, build_mesh, fit
 from tandem.model.config import ModelConfig, to_hf_config
 from tandem.model.hf import (
-    IGNORED_SUFFIXES,
+    SCORE_WEIGHT,
     SINGLE_FILE,
-    _tensor_files,
-    load_config,
-    load_model,
+    load_trunk,
+    read_hf_config,
+    tensor_files,
     weight_table,
 )
 from tandem.model.safetensors_io import CheckpointError, read_safetensors, write_safetensors
 from tandem.model.transformer import Transformer
 
-SCORE_WEIGHT = "score.weight"  # HF's head: [num_labels = 1, D]
 SCORE_FILE = "score.safetensors"  # the head in tandem's earlier layout: {"score": [D]}
 ARCHITECTURES = {
     "llama": "LlamaForSequenceClassification",
@@ -151,16 +150,13 @@ def load_reward_model(model_dir: str, *, dtype=jnp.float32) -> RewardModel:
     """A reward model from an HF one-label sequence-classification checkpoint (written by
     tandem or by transformers/TRL) or from tandem's earlier layout (causal LM +
     score.safetensors). Errors name the file and the key that is wrong."""
-    cfg = load_config(model_dir)  # a missing directory or config.json fails here, named
-    config_path = os.path.join(model_dir, "config.json")
-    with open(config_path) as f:
-        hf = json.load(f)
+    hf = read_hf_config(model_dir)  # a missing directory or config.json fails here, named
     architectures = hf.get("architectures") or []
     is_causal_lm = not any(a.endswith("ForSequenceClassification") for a in architectures)
     if is_causal_lm and os.path.isfile(os.path.join(model_dir, SCORE_FILE)):
         return _load_causal_lm_layout(model_dir, dtype)
-    tensors = _read_tensors(model_dir)
-    if SCORE_WEIGHT not in tensors:
+    # Named before the trunk is read, so a causal LM fails fast.
+    if SCORE_WEIGHT not in tensor_files(model_dir):
         raise CheckpointError(
             f"{model_dir}: tensor {SCORE_WEIGHT!r} is missing, so this is not a reward model "
             f"(expected a *ForSequenceClassification checkpoint with num_labels = 1)"
@@ -169,63 +165,37 @@ def load_reward_model(model_dir: str, *, dtype=jnp.float32) -> RewardModel:
     num_labels = len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels", 2)
     if num_labels != 1:
         raise CheckpointError(
-            f"{config_path}: num_labels is {num_labels}; a reward model has one label (its score)"
+            f"{os.path.join(model_dir, 'config.json')}: num_labels is {num_labels}; a reward "
+            f"model has one label (its score)"
         )
-    score, score_file = tensors.pop(SCORE_WEIGHT)
-    if score.shape != (1, cfg.hidden_size):
+    trunk, unused = load_trunk(model_dir, dtype=dtype)
+    score, score_file = unused.pop(SCORE_WEIGHT)
+    dim = trunk.config.hidden_size
+    if score.shape != (1, dim):
         raise CheckpointError(
             f"{score_file}: tensor {SCORE_WEIGHT!r} has shape {tuple(score.shape)}, expected "
-            f"[1, hidden_size] = [1, {cfg.hidden_size}]"
+            f"[1, hidden_size] = [1, {dim}]"
         )
-    model = RewardModel(_trunk(model_dir, cfg, tensors, dtype), rngs=nnx.Rngs(0))
-    model.score[...] = jnp.asarray(score[0], dtype)
-    return model
-
-
-def _read_tensors(model_dir: str) -> dict[str, tuple[np.ndarray, str]]:
-    """Every tensor of the checkpoint (memory-mapped) with the file that holds it."""
-    files = _tensor_files(model_dir)
-    out = {}
-    for path in sorted(set(files.values())):
-        out.update({name: (array, path) for name, array in read_safetensors(path).items()})
-    return out
-
-
-def _trunk(model_dir: str, cfg: ModelConfig, tensors: dict, dtype) -> Transformer:
-    """The decoder stack (no LM head) from HF-named tensors; every tensor must find a place."""
-    cfg = cfg.replace(tie_word_embeddings=True)  # no lm_head in the model or the table
-    table = weight_table(cfg)
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
-    flat = dict(nnx.to_flat_state(abstract_state))
-    for key, variable in flat.items():
-        hf_name, to_ours, _ = table[key]
-        if hf_name not in tensors:
-            raise CheckpointError(f"{model_dir}: tensor {hf_name!r} is missing")
-        raw, file = tensors.pop(hf_name)
-        try:
-            view = to_ours(raw)
-        except ValueError:  # a reshape that the tensor's size does not allow
-            view = None
-        if view is None or view.shape != variable.shape:
-            raise CheckpointError(
-                f"{file}: tensor {hf_name!r} has shape {tuple(raw.shape)}, which does not fit "
-                f"{key} of shape {variable.shape} (config.json disagrees with the weights)"
-            )
-        flat[key] = variable.replace(jnp.asarray(np.asarray(view), dtype))
-    extra = sorted(n for n in tensors if not n.endswith(IGNORED_SUFFIXES))
-    if extra:
-        raise CheckpointError(f"{model_dir}: tensors a reward model has no place for: {extra[:5]}")
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return _with_score(model_dir, trunk, unused, score[0], dtype)
 
 
 def _load_causal_lm_layout(model_dir: str, dtype) -> RewardModel:
     """tandem's earlier layout: the trunk as a tied causal LM, the head in SCORE_FILE."""
     path = os.path.join(model_dir, SCORE_FILE)
-    model = RewardModel(load_model(model_dir, dtype=dtype), rngs=nnx.Rngs(0))
+    trunk, unused = load_trunk(model_dir, dtype=dtype)
     score = read_safetensors(path).get("score")
-    if score is None or score.shape != (model.trunk.config.hidden_size,):
+    if score is None or score.shape != (trunk.config.hidden_size,):
         raise CheckpointError(f"{path}: expected a 'score' tensor of shape [hidden_size]")
+    return _with_score(model_dir, trunk, unused, score, dtype)
+
+
+def _with_score(model_dir: str, trunk: Transformer, unused: dict, score, dtype) -> RewardModel:
+    """The reward model of `trunk` and `score` [D]; no other tensor may be left unused."""
+    if unused:
+        raise CheckpointError(
+            f"{model_dir}: tensors a reward model has no place for: {sorted(unused)[:5]}"
+        )
+    model = RewardModel(trunk, rngs=nnx.Rngs(0))
     model.score[...] = jnp.asarray(score, dtype)
     return model
 

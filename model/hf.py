@@ -4,6 +4,10 @@ Loading is a table from our parameter paths to HF tensor names and a layout chan
 (HF stores projections as [out, in]; we keep heads as their own axis). Each weight is
 placed on the mesh with `jax.make_array_from_callback`, which asks for one device shard
 at a time and is answered from a memory map.
+
+`load_model` reads causal LMs and names a sequence classifier (a reward model) given to it;
+`load_trunk` reads the decoder stack of either and hands back the tensors it did not use,
+so a task head (align/reward_model.py's `score.weight`) is loaded by its owner.
 """
 
 from __future__ import annotations
@@ -27,9 +31,12 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Buffers some exporters write that carry no weights.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+LM_HEAD = "lm_head.weight"
+SCORE_WEIGHT = "score.weight"  # the head of HF's *ForSequenceClassification: [num_labels, D]
 
 
-def load_config(model_dir: str) -> ModelConfig:
+def read_hf_config(model_dir: str) -> dict:
+    """config.json of a checkpoint directory, parsed; errors name the directory or the file."""
     path = os.path.join(model_dir, "config.json")
     if not os.path.isdir(model_dir):
         raise CheckpointError(f"{model_dir}: no such checkpoint directory")
@@ -37,9 +44,14 @@ def load_config(model_dir: str) -> ModelConfig:
         raise CheckpointError(f"{path}: missing (a checkpoint directory needs config.json)")
     try:
         with open(path) as f:
-            hf = json.load(f)
+            return json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+
+
+def load_config(model_dir: str) -> ModelConfig:
+    path = os.path.join(model_dir, "config.json")
+    hf = read_hf_config(model_dir)
     try:
         return from_hf_config(hf, where=path)
     except KeyError as e:
@@ -48,7 +60,7 @@ def load_config(model_dir: str) -> ModelConfig:
         raise CheckpointError(str(e)) from None
 
 
-def _tensor_files(model_dir: str) -> dict[str, str]:
+def tensor_files(model_dir: str) -> dict[str, str]:
     """HF tensor name -> the file that holds it (sharded index or a single file)."""
     index = os.path.join(model_dir, INDEX_FILE)
     if os.path.isfile(index):
@@ -112,7 +124,7 @@ def weight_table(cfg: ModelConfig) -> dict[tuple, tuple[str, Callable, Callable]
         ("norm", "scale"): ("model.norm.weight", _same, _same),
     }
     if not cfg.tie_word_embeddings:
-        table[("lm_head",)] = ("lm_head.weight", _t, _t)
+        table[("lm_head",)] = (LM_HEAD, _t, _t)
     for i in range(cfg.num_layers):
         hf = f"model.layers.{i}."
         ours = ("layers", i)
@@ -158,9 +170,54 @@ def _np_dtype(dtype):
 def load_model(
     model_dir: str, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None, rules=None
 ) -> Transformer:
-    """Loads an HF checkpoint directory into a Transformer, placed on `mesh` if given."""
+    """Loads an HF causal-LM checkpoint directory into a Transformer, placed on `mesh` if
+    given. Every tensor must find a place (a tied model may still carry lm_head.weight)."""
     cfg = load_config(model_dir)
-    files = _tensor_files(model_dir)
+    files = tensor_files(model_dir)
+    _check_causal_lm(model_dir, files)
+    model, unused = _fill(model_dir, cfg, files, dtype=dtype, mesh=mesh, rules=rules)
+    if cfg.tie_word_embeddings:
+        unused.pop(LM_HEAD, None)
+    if unused:
+        raise CheckpointError(
+            f"{model_dir}: tensors the model has no place for: "
+            f"{sorted(unused)[:5]}{' ...' if len(unused) > 5 else ''} "
+            f"(does config.json match the weights?)"
+        )
+    return model
+
+
+def load_trunk(
+    model_dir: str, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None, rules=None
+) -> tuple[Transformer, dict[str, tuple[np.ndarray, str]]]:
+    """The decoder stack of any HF checkpoint of a supported family, without an LM head, and
+    the tensors it has no place for (a task head such as `score.weight`, an untied
+    `lm_head.weight`) as name -> (memory-mapped array, the file that holds it)."""
+    cfg = load_config(model_dir).replace(tie_word_embeddings=True)  # no lm_head parameter
+    files = tensor_files(model_dir)
+    return _fill(model_dir, cfg, files, dtype=dtype, mesh=mesh, rules=rules)
+
+
+def _check_causal_lm(model_dir: str, files: dict[str, str]) -> None:
+    """A sequence classifier (a reward model) has the same trunk as a causal LM; name it
+    rather than fail on its head."""
+    architectures = read_hf_config(model_dir).get("architectures") or []
+    classifiers = [a for a in architectures if a.endswith("ForSequenceClassification")]
+    if not classifiers and SCORE_WEIGHT not in files:
+        return
+    kind = classifiers[0] if classifiers else f"its head is {SCORE_WEIGHT!r}"
+    raise CheckpointError(
+        f"{model_dir}: a sequence classifier ({kind}), i.e. a reward model, not a causal LM; "
+        f"serving and policy training need a *ForCausalLM checkpoint (a reward model scores "
+        f"RL rollouts: set `reward_model` in the GRPO/PPO config)"
+    )
+
+
+def _fill(
+    model_dir: str, cfg: ModelConfig, files: dict[str, str], *, dtype, mesh, rules
+) -> tuple[Transformer, dict[str, tuple[np.ndarray, str]]]:
+    """A Transformer of `cfg` with every parameter read from its HF tensor, shape-checked and
+    placed (on `mesh` by logical axes, else on the first device); and the tensors unused."""
     abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, abs_state = nnx.split(abstract)
     table = weight_table(cfg)
@@ -188,7 +245,7 @@ def load_model(
         shape = variable.shape
         try:
             view = to_ours(raw)
-        except ValueError:
+        except ValueError:  # a reshape that the tensor's size does not allow
             view = None
         if view is None or view.shape != shape:
             raise CheckpointError(
@@ -206,21 +263,12 @@ def load_model(
             shape, sharding, lambda idx, v=view: np.ascontiguousarray(v[idx]).astype(target)
         )
         flat[path_key] = variable.replace(value)
-    extra = [
-        n
-        for n in files
-        if n not in used
-        and not n.endswith(IGNORED_SUFFIXES)
-        and not (cfg.tie_word_embeddings and n == "lm_head.weight")
-    ]
-    if extra:
-        raise CheckpointError(
-            f"{model_dir}: tensors the model has no place for: "
-            f"{sorted(extra)[:5]}{' ...' if len(extra) > 5 else ''} "
-            f"(does config.json match the weights?)"
-        )
-    state = nnx.from_flat_state(flat)
-    return nnx.merge(graphdef, state)
+    unused = {
+        name: read(name)
+        for name in files
+        if name not in used and not name.endswith(IGNORED_SUFFIXES)
+    }
+    return nnx.merge(graphdef, nnx.from_flat_state(flat)), unused
 
 
 def save_model(

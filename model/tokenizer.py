@@ -13,7 +13,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from tandem.model.safetensors_io import CheckpointError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
-BYTE_SPECIALS = ("<|pad|>", "<|bos|>", "<|eos|>")
 # A minimal chat template so the byte tokenizer can serve /v1/chat/completions too.
 BYTE_CHAT_TEMPLATE = (
     "{% for m in messages %}<|bos|>{{ m['role'] }}\n{{ m['content'] }}<|eos|>{% endfor %}"
@@ -32,7 +31,8 @@ def load_tokenizer(model_dir: str) -> PreTrainedTokenizerBase:
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """256 byte tokens (ids 0..255) then <|pad|>, <|bos|>, <|eos|>: any text round-trips."""
+    """256 byte tokens (ids 0..255) then <|bos|> = 256, <|eos|> = 257, <|pad|> = 258 (the
+    order transformers adds special tokens in): any text round-trips."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     byte_to_char = [chr(c) for c in _bytes_to_unicode()]

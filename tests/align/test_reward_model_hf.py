@@ -178,3 +178,22 @@ def test_a_checkpoint_that_is_not_a_reward_model_is_named(tmp_path):
     two_labels = save_hf_reward_model(tmp_path / "two", num_labels=2)
     with pytest.raises(CheckpointError, match=r"two/config.json: num_labels is 2"):
         load_reward_model(two_labels)
+
+
+def test_serving_a_reward_model_says_what_it_is(tmp_path, monkeypatch, capsys):
+    """`tandem serve RUN_DIR/hf` of a reward-model run fails before any server starts, and
+    says why, instead of "no place for score.weight"."""
+    import uvicorn
+
+    from tandem.cli.main import main
+
+    save_reward_model(random_reward_model("llama"), byte_tokenizer(), str(tmp_path))
+
+    def never(*args, **kwargs):
+        raise AssertionError("a reward model was served")
+
+    monkeypatch.setattr(uvicorn, "run", never)
+    assert main(["serve", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "a sequence classifier (LlamaForSequenceClassification), i.e. a reward model" in error
+    assert "serving and policy training need a *ForCausalLM checkpoint" in error

@@ -25,7 +25,14 @@ import torch
 import transformers
 from flax import nnx
 
-from tandem.model.hf import INDEX_FILE, SINGLE_FILE, load_config, load_model, save_model
+from tandem.model.hf import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    load_config,
+    load_model,
+    load_trunk,
+    save_model,
+)
 from tandem.model.safetensors_io import CheckpointError
 from tandem.model.transformer import Transformer, segment_positions
 
@@ -283,6 +290,22 @@ def test_packed_positions_restart_per_segment():
     np.testing.assert_array_equal(segment_positions(segment_ids), expected)
 
 
+def test_trunk_hands_back_the_head_it_has_no_place_for(hf_reference):
+    """load_trunk (the reward model's loader) reads the same weights as load_model, minus the
+    LM head, which it returns unused, as stored ([V, D]), with its file."""
+    ref = hf_reference("llama2")  # untied: lm_head.weight is a tensor of its own
+    trunk, unused = load_trunk(ref.path)
+    lm = params(load_model(ref.path))
+    assert trunk.lm_head is None and list(unused) == ["lm_head.weight"]
+    head, file = unused["lm_head.weight"]
+    assert file == os.path.join(ref.path, SINGLE_FILE)
+    np.testing.assert_array_equal(head.T, lm[("lm_head",)])
+    got = params(trunk)
+    assert got.keys() == lm.keys() - {("lm_head",)}
+    for key, value in got.items():
+        np.testing.assert_array_equal(value, lm[key], err_msg=str(key))
+
+
 # --- tandem -> HF ---------------------------------------------------------------------------
 
 
@@ -459,3 +482,25 @@ def test_sharded_malformed_index(sharded_copy):
     (sharded_copy / INDEX_FILE).write_text('{"metadata": {}}')
     with pytest.raises(CheckpointError, match=rf"{re.escape(INDEX_FILE)}: malformed index"):
         load_model(str(sharded_copy))
+
+
+def _drop_architectures(path):
+    _drop_config_key(path, "architectures")
+
+
+@pytest.mark.parametrize(
+    "edit, named",
+    [(None, r"\(Qwen2ForSequenceClassification\)"), (_drop_architectures, r"\(its head is 'score")],
+    ids=["architectures", "score_tensor_only"],
+)
+def test_sequence_classifier_is_named_not_served(tmp_path, edit, named):
+    """A reward model (what TRL's RewardTrainer saves) has a causal LM's trunk; the causal-LM
+    loader says what it is instead of failing on its `score.weight` head."""
+    config = transformers.Qwen2Config(**_TINY, num_labels=1)
+    transformers.AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path)
+    if edit:
+        edit(tmp_path)
+    message = rf"{re.escape(str(tmp_path))}: a sequence classifier {named}.*reward model, not a "
+    message += r"causal LM; serving and policy training need a \*ForCausalLM checkpoint"
+    with pytest.raises(CheckpointError, match=message):
+        load_model(str(tmp_path))
