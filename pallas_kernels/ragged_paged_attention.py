@@ -5,8 +5,10 @@ GPU runs the Mosaic GPU kernel (pallas_kernels/gpu/) on Hopper and the reference
 `gpu_fallback_reason` names a reason: a non-Hopper GPU, inputs the kernel does not take
 (see gpu/kernel.py `unsupported_reason`: f32 or mixed dtypes, head_dim other than 64/128,
 page sizes outside 8..128 or not a multiple of 8, more than 64 q heads per kv head), or
-sharded inputs (the kernel is not wrapped in shard_map yet, so a mesh of more than one
-device, ambient or on the arrays, keeps the reference).
+arrays spread over several devices with no ambient mesh to split them by.
+
+Under an ambient mesh (`jax.set_mesh`) of more than one device, the chosen kernel runs per
+device inside `jax.shard_map`, on its share of the heads (sharded.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from tandem.pallas_kernels.reference import ragged_paged_attention_reference
+from tandem.pallas_kernels.sharded import num_free_devices, sharded_ragged_paged_attention
 from tandem.pallas_kernels.tpu import ragged_paged_attention_tpu
 
 
@@ -63,16 +66,12 @@ def validate(q, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs, sliding_wi
 
 
 def _is_sharded(*arrays) -> bool:
-    """True under an ambient mesh of more than one device, or when an array is placed on
-    (or, with explicit sharding, typed over) more than one device."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:
-        return True
+    """True when an array is placed on (or, with explicit sharding, typed over) more than
+    one device, not counting mesh axes an enclosing shard_map has already split."""
     for x in arrays:
         if isinstance(x, jax.core.Tracer):
-            sharding = getattr(jax.typeof(x), "sharding", None)
-            mesh = getattr(sharding, "mesh", None)
-            if mesh is not None and not mesh.empty and mesh.size > 1:
+            mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+            if mesh is not None and num_free_devices(mesh) > 1:
                 return True
         elif isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
             return True
@@ -88,11 +87,29 @@ def gpu_fallback_reason(q, kv_cache, page_indices) -> str | None:
     capability = _compute_capability()
     if not capability.startswith("9"):
         return f"compute capability {capability or '?'}: the kernel needs Hopper (9.x)"
-    if _is_sharded(q, kv_cache, page_indices):
-        return "sharded inputs: the kernel runs on one device (no shard_map yet)"
+    is_split = num_free_devices(jax.sharding.get_abstract_mesh()) > 1
+    if not is_split and _is_sharded(q, kv_cache, page_indices):
+        return (
+            "inputs span several devices but no ambient mesh says how to split them: "
+            "call under jax.set_mesh(mesh) to run the kernel per shard"
+        )
     from tandem.pallas_kernels.gpu import unsupported_reason
 
+    # Per shard the dtypes, head_dim, page size and group are those of the whole call.
     return unsupported_reason(q, kv_cache)
+
+
+def _single_device_kernel(q, kv_cache, page_indices):
+    """The kernel one device runs for these inputs on this backend."""
+    backend = jax.default_backend()
+    if backend == "tpu":
+        return ragged_paged_attention_tpu
+    if backend == "gpu" and gpu_fallback_reason(q, kv_cache, page_indices) is None:
+        # Imported here: CPU and TPU processes never load Mosaic GPU.
+        from tandem.pallas_kernels.gpu import ragged_paged_attention_gpu
+
+        return ragged_paged_attention_gpu
+    return ragged_paged_attention_reference
 
 
 def ragged_paged_attention(
@@ -109,24 +126,10 @@ def ragged_paged_attention(
 ) -> jax.Array:  # [T, N, H]
     """Attention of ragged query chunks over their sequences' paged K/V (see reference.py)."""
     validate(q, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs, sliding_window, soft_cap)
-    backend = jax.default_backend()
-    if backend == "tpu":
-        kernel = ragged_paged_attention_tpu
-    elif backend == "gpu" and gpu_fallback_reason(q, kv_cache, page_indices) is None:
-        # Imported here: CPU and TPU processes never load Mosaic GPU.
-        from tandem.pallas_kernels.gpu import ragged_paged_attention_gpu
-
-        kernel = ragged_paged_attention_gpu
-    else:
-        kernel = ragged_paged_attention_reference
-    return kernel(
-        q,
-        kv_cache,
-        kv_lens,
-        page_indices,
-        cu_q_lens,
-        num_seqs,
-        sm_scale=sm_scale,
-        sliding_window=sliding_window,
-        soft_cap=soft_cap,
-    )
+    kernel = _single_device_kernel(q, kv_cache, page_indices)
+    args = (q, kv_cache, kv_lens, page_indices, cu_q_lens, num_seqs)
+    kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    mesh = jax.sharding.get_abstract_mesh()
+    if num_free_devices(mesh) > 1:
+        return sharded_ragged_paged_attention(kernel, mesh, *args, **kwargs)
+    return kernel(*args, **kwargs)

@@ -6,6 +6,10 @@ scheduler picks the chunks to compute (plain Python), the batch is built in nump
 jitted function runs the model over the pages and samples the completing rows on device,
 and the host updates the sequences, checks stops and emits deltas. Not thread safe: one
 thread owns an Engine (serve/async_engine.py puts it behind asyncio).
+
+With `mesh=`, the KV pages are sharded on kv heads and the step runs under
+`jax.set_mesh(mesh)`, so attention runs per device on its heads; the caller places the
+model's weights on the same mesh (`model.sharding.shard_model`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from tandem.model.sharding import named_sharding
 from tandem.model.transformer import Transformer
 from tandem.paged_cache import BlockManager
 from tandem.serve.batch import SeqChunk, build_batch
+from tandem.serve.model_step import mesh_context
 from tandem.serve.output import CompletionOutput, RequestOutput, TokenLogprob
 from tandem.serve.sampler import SamplingBatch, sample
 from tandem.serve.sampling_params import SamplingParams
@@ -109,6 +114,7 @@ class Engine:
         self.model_config = cfg
         self.tokenizer = tokenizer
         self.model_name = model_name
+        self.mesh = mesh
         kv_dtype = jnp.dtype(config.kv_dtype) if config.kv_dtype else model.embed.dtype
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
         num_pages = config.num_pages or self._num_pages(cfg, kv_dtype, mesh)
@@ -264,16 +270,17 @@ class Engine:
         row_array[: len(rows)] = rows
         self._key, key = jax.random.split(self._key)
         want_logits = any(c.seq.data.request.params.prompt_logprobs is not None for c in out.chunks)
-        self.kv, result, logits = self._step_fn(
-            self.params,
-            self.kv,
-            jnp.asarray(tokens),
-            md,
-            jnp.asarray(row_array),
-            sbatch,
-            key,
-            want_logits,
-        )
+        with mesh_context(self.mesh):
+            self.kv, result, logits = self._step_fn(
+                self.params,
+                self.kv,
+                jnp.asarray(tokens),
+                md,
+                jnp.asarray(row_array),
+                sbatch,
+                key,
+                want_logits,
+            )
         result = jax.tree.map(np.asarray, result)
         if want_logits:
             self._record_prompt_logprobs(out.chunks, np.asarray(logits[:num_tokens]))
@@ -317,7 +324,11 @@ class Engine:
     # Internals.
 
     def _num_pages(self, cfg, kv_dtype, mesh) -> int:
-        shards = mesh.shape["tensor"] if mesh is not None else 1
+        shards = 1
+        if mesh is not None:
+            # As the pages will be placed: kv heads that the rules cannot split replicate.
+            page = (1, self.config.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
+            shards = page[2] // named_sharding(mesh, KV_AXES, page).shard_shape(page)[2]
         min_pages = self.config.max_num_seqs
         if self.config.kv_budget_bytes is not None:
             return num_pages_for_budget(

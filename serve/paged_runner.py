@@ -51,7 +51,7 @@ class PagedRunner:
         self.max_seq_len = max_seq_len or cfg.max_position_embeddings
         self.pages_per_seq = math.ceil(self.max_seq_len / page_size)
         self.blocks = BlockManager(num_pages, page_size, enable_prefix_caching)
-        self.step_fn, self.params = make_model_step(model)
+        self.step_fn, self.params = make_model_step(model, mesh)
         shape = (num_pages, page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
         sharding = named_sharding(mesh, KV_AXES, shape) if mesh is not None else None
         self.kv = init_kv_cache(
@@ -126,7 +126,8 @@ def greedy_generate(
 ):
     """Greedy continuations of `prompts` (prefilled one by one, decoded together); with
     `return_logits`, also f32[len(seq) - 1, V] per sequence: the logits that predicted
-    every token after the first. With `mesh`, KV pages are sharded on kv heads."""
+    every token after the first. With `mesh`, KV pages are sharded on kv heads and every
+    step runs under the mesh (attention per device on its heads)."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("greedy_generate: every prompt needs at least one token")
     max_len = max(len(p) for p in prompts) + max_new_tokens
