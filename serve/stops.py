@@ -1,34 +1,38 @@
-"""Incremental detokenization and stop strings for one sequence.
+"""Stop strings and streamed text for one sequence.
 
-The text is re-decoded from all generated ids each step (simple and exact for any
-tokenizer). While a sequence runs, the tail that could still be the start of a stop
-string, and a trailing partial UTF-8 character, are held back, so streamed deltas never
-show text that a later stop would retract.
+The text of the generated ids comes from an `IncrementalDetokenizer` (a few ids decoded
+per step, always equal to the full decode). While a sequence runs, the tail that could
+still be the start of a stop string, and a trailing partial UTF-8 character, are held
+back, so streamed deltas never show text that a later stop would retract.
 """
 
 from __future__ import annotations
 
+from tandem.serve.detokenizer import IncrementalDetokenizer
 from tandem.serve.sampling_params import SamplingParams, find_stop_span
 
 
 class StopChecker:
     def __init__(self, tokenizer, params: SamplingParams):
-        self.tokenizer = tokenizer
         self.params = params
+        self.detokenizer = (
+            None
+            if tokenizer is None
+            else IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
+        )
         self.text = ""
         self.finished = False
         self.num_chars_emitted = 0
         self.num_ids_emitted = 0
 
     def append(self, output_token_ids: list[int], finished: bool) -> bool:
-        """Decodes after a new token; True when a stop string ends the sequence here."""
-        if self.tokenizer is None:
+        """Decodes after new tokens (`output_token_ids` extends the last call's ids);
+        True when a stop string ends the sequence here."""
+        if self.detokenizer is None:
             self.finished = finished
             return False
         previous = len(self.text)
-        self.text = self.tokenizer.decode(
-            output_token_ids, skip_special_tokens=self.params.skip_special_tokens
-        )
+        self.text = self.detokenizer.decode(output_token_ids)
         self.finished = finished
         if not self.params.stop:
             return False
