@@ -264,9 +264,20 @@ class _Server:
         arrival = time.perf_counter()
         self._check_model(req)
         prompts = [self.tokenizer.encode(p) if isinstance(p, str) else p for p in req.prompts()]
-        formatter = CompletionFormatter(self.model_name, self.token_text, req)
+        texts = None
+        if req.echo:
+            texts = [
+                p
+                if isinstance(p, str)
+                else self.tokenizer.decode(p, skip_special_tokens=req.skip_special_tokens)
+                for p in req.prompts()
+            ]
+        formatter = CompletionFormatter(self.model_name, self.token_text, req, texts)
+        # echo with max_tokens 0 scores the prompt: the engine samples one token (its
+        # smallest budget), which the formatter drops.
+        max_tokens = 1 if req.is_echo_only else req.max_tokens
         return await self.handle(
-            request, req, formatter, prompts, req.max_tokens, req.logprobs, arrival
+            request, req, formatter, prompts, max_tokens, req.logprobs, arrival
         )
 
     async def chat(self, req: ChatCompletionRequest, request: Request):

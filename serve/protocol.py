@@ -1,9 +1,13 @@
 """The OpenAI request and response shapes the HTTP server speaks (pydantic v2).
 
 Requests are strict: a wrong type, an unknown field or a feature the server lacks
-(`echo`, `suffix`, `best_of` > 1, `logit_bias`, tools) fails validation, which the server
-answers with a 400 in OpenAI's error shape. Sampling bounds are left to `SamplingParams`,
-whose ValueError names the field. vLLM's extra sampling fields are accepted too.
+(`suffix`, `best_of` != n, `logit_bias`, tools) fails validation, which the server answers
+with a 400 in OpenAI's error shape. Sampling bounds are left to `SamplingParams`, whose
+ValueError names the field. vLLM's extra sampling fields are accepted too, `prompt_logprobs`
+among them.
+
+Scoring a prompt (lm-evaluation-harness's loglikelihood): `/v1/completions` with `echo`,
+`logprobs` and `max_tokens: 0` returns the prompt's own tokens and logprobs, no completion.
 
 serve/formatting.py turns the engine's outputs into these responses.
 """
@@ -21,6 +25,8 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
+
+from tandem.serve.sampling_params import MAX_LOGPROBS
 
 # OpenAI's caps: `logprobs` of the legacy completions API, `top_logprobs` of chat.
 MAX_COMPLETION_LOGPROBS = 5
@@ -81,6 +87,7 @@ class _SamplingRequest(_Request):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
 
     @model_validator(mode="after")
     def _check_common(self):
@@ -88,6 +95,9 @@ class _SamplingRequest(_Request):
             raise ValueError("logit_bias is not supported")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        if self.prompt_logprobs is not None and self.stream:
+            # As vLLM: the response field is a whole-prompt list, which no chunk carries.
+            raise ValueError("prompt_logprobs is not available when stream is true")
         return self
 
     def sampling_kwargs(self) -> dict[str, Any]:
@@ -107,8 +117,14 @@ class _SamplingRequest(_Request):
             "ignore_eos": self.ignore_eos,
             "include_stop_str_in_output": self.include_stop_str_in_output,
             "skip_special_tokens": self.skip_special_tokens,
+            "prompt_logprobs": self.num_prompt_logprobs,
         }
         return {k: v for k, v in fields.items() if v is not None}
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """SamplingParams.prompt_logprobs: how many alternatives each prompt token needs."""
+        return self.prompt_logprobs
 
     @property
     def include_usage(self) -> bool:
@@ -146,13 +162,28 @@ class CompletionRequest(_SamplingRequest):
 
     @model_validator(mode="after")
     def _check_unsupported(self):
-        if self.echo:
-            raise ValueError("echo is not supported")
         if self.suffix is not None:
             raise ValueError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of is not supported (only best_of == n)")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError(
+                "max_tokens must be >= 1; 0 is only allowed with echo (to score the prompt)"
+            )
         return self
+
+    @property
+    def is_echo_only(self) -> bool:
+        """echo with max_tokens 0: the prompt scored, nothing generated."""
+        return self.echo and self.max_tokens == 0
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """echo with logprobs covers the prompt's tokens too (as vLLM, the larger count
+        when prompt_logprobs is also given)."""
+        counts = [self.prompt_logprobs, self.logprobs if self.echo else None]
+        counts = [k for k in counts if k is not None]
+        return max(counts) if counts else None
 
     def prompts(self) -> list[str | list[int]]:
         """The batch: one entry per prompt."""
@@ -221,10 +252,26 @@ class Usage(_Response):
 
 
 class CompletionLogprobs(_Response):
+    """The legacy shape. With echo the prompt's tokens come first; its first token has no
+    logprob (nothing precedes it), so its `token_logprobs` and `top_logprobs` are null."""
+
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
+
+
+class PromptLogprob(_Response):
+    """vLLM's `Logprob`: one token of a prompt position's `prompt_logprobs` dict."""
+
+    logprob: float
+    rank: int | None  # 1 is the most likely; null when outside the alternatives computed
+    decoded_token: str
+
+
+# vLLM's `prompt_logprobs`: per prompt token, null for the first, else token id -> logprob
+# for the prompt's own token and the top alternatives.
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
 
 
 class CompletionChoice(_Response):
@@ -232,6 +279,7 @@ class CompletionChoice(_Response):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 def unix_now() -> int:
@@ -280,6 +328,7 @@ class ChatCompletionResponse(_Response):
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's place for it: the response
 
 
 class DeltaMessage(_Response):

@@ -254,7 +254,7 @@ BAD_REQUESTS = [
     ("completions", {"model": MODEL, "prompt": "x", "temperature": "hot"}, "temperature"),
     ("completions", {"model": MODEL, "prompt": "x", "n": "2"}, "n"),
     ("completions", {"model": MODEL, "prompt": "x", "temperature": -1}, "temperature"),
-    ("completions", {"model": MODEL, "prompt": "x", "echo": True}, "echo"),
+    ("completions", {"model": MODEL, "prompt": "x", "suffix": "y"}, "suffix"),
     ("completions", {"model": MODEL, "prompt": "x", "frobnicate": 1}, "frobnicate"),
     ("completions", {"model": MODEL, "prompt": ""}, "prompt"),
     ("completions", {"model": MODEL, "prompt": [100000]}, "prompt token ids"),
