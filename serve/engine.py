@@ -423,6 +423,9 @@ class Engine:
                 continue
             if request.prompt_logprobs is None:
                 request.prompt_logprobs = [None]
+            # A sequence preempted part-way through its prompt recomputes it from the
+            # start: entries past this chunk's first position are replaced, not repeated.
+            del request.prompt_logprobs[chunk.start + 1 :]
             logp = rows - np.logaddexp.reduce(rows, axis=-1, keepdims=True)
             prompt = request.prompt_token_ids
             for i in range(chunk.num_tokens):

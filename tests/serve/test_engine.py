@@ -159,6 +159,26 @@ def test_logprobs_are_the_models_raw_distribution(model):
         assert lp.logprob == pytest.approx(logp[i - 1, out.prompt_token_ids[i]], abs=1e-4)
 
 
+def test_prompt_logprobs_survive_preemption_mid_prompt(model):
+    """Long prompts in chunks on too few pages, so that the scheduler preempts and
+    recomputes: prompt logprobs still have one entry per token, equal to the training
+    forward's."""
+    import jax.numpy as jnp
+
+    engine = make_engine(model, num_pages=13, max_num_batched_tokens=16)
+    params = SamplingParams(max_tokens=6, temperature=0.0, prompt_logprobs=1)
+    prompts = {"a": "a" * 50 + "first prompt", "b": "b" * 50 + "second prompt", "c": "c" * 40}
+    done = run(engine, {rid: (text, params) for rid, text in prompts.items()})
+    assert engine.scheduler.num_preemptions > 0
+    for out in done.values():
+        ids = out.prompt_token_ids
+        assert len(out.prompt_logprobs) == len(ids) and out.prompt_logprobs[0] is None
+        logits = np.asarray(model(jnp.asarray([ids])))[0]
+        logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+        got = [lp.logprob for lp in out.prompt_logprobs[1:]]
+        np.testing.assert_allclose(got, logp[np.arange(len(ids) - 1), ids[1:]], atol=1e-4)
+
+
 def test_abort_returns_pages(model):
     engine = make_engine(model)
     engine.add_request("x", TOK.encode("abort me"), SamplingParams(max_tokens=50))
