@@ -26,7 +26,9 @@ from tandem.align.trainer import RunResult, build_mesh, fit
 
 
 class GRPO:
-    def __init__(self, cfg: GRPOConfig, train: TrainConfig, model, tokenizer, reference, fns):
+    def __init__(
+        self, cfg: GRPOConfig, train: TrainConfig, model, tokenizer, reference, fns, mesh=None
+    ):
         if train.batch_size % cfg.group_size:
             raise ValueError(
                 f"TrainConfig.batch_size ({train.batch_size}) must be a multiple of "
@@ -38,14 +40,19 @@ class GRPO:
         self.num_prompts = train.batch_size // cfg.group_size
         self.max_length = cfg.max_prompt_length + cfg.max_completion_length
         self.engine = rl.make_engine(
-            model, tokenizer, num_seqs=train.batch_size, max_len=self.max_length, seed=train.seed
+            model,
+            tokenizer,
+            num_seqs=train.batch_size,
+            max_len=self.max_length,
+            seed=train.seed,
+            mesh=mesh,
         )
         graphdef, _ = nnx.split(model)
-        self._logps = rl.make_logps_fn(graphdef, cfg.temperature)
+        self._logps = rl.make_logps_fn(graphdef, cfg.temperature, mesh)
         self.reference = reference
         if reference is not None:
             ref_graphdef, self.ref_state = nnx.split(reference)
-            self._ref_logps = rl.make_logps_fn(ref_graphdef, cfg.temperature)
+            self._ref_logps = rl.make_logps_fn(ref_graphdef, cfg.temperature, mesh)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     # The jitted part.
@@ -182,7 +189,7 @@ class GRPO:
         return train_batch, metrics
 
     def after_update(self, state):
-        self.engine.update_params(state.params)
+        rl.hand_over(self.engine, state.params)
         return {}
 
 
@@ -191,8 +198,6 @@ def train_grpo(cfg: TrainConfig, grpo: GRPOConfig | None = None) -> RunResult:
     if cfg.grad_accum_steps != 1 and cfg.batch_size % (cfg.grad_accum_steps * grpo.group_size):
         raise ValueError("TrainConfig.batch_size must split into whole groups per micro-batch")
     mesh = build_mesh(cfg)
-    if mesh is not None:
-        raise ValueError("GRPO runs on one device for now: set TrainConfig.mesh_shape = (1, 1, 1)")
     model, tokenizer = load_policy(cfg, mesh)
     loss_cfg = grpo.loss_config()
     reference = frozen_copy(model) if loss_cfg.beta else None
@@ -202,8 +207,8 @@ def train_grpo(cfg: TrainConfig, grpo: GRPOConfig | None = None) -> RunResult:
         tokenizer,
         grpo.max_prompt_length + grpo.max_completion_length,
     )
-    algo = GRPO(grpo, cfg, model, tokenizer, reference, fns)
+    algo = GRPO(grpo, cfg, model, tokenizer, reference, fns, mesh)
     data_iter = rl.prompt_iterator(
         cfg, tokenizer, num_prompts=algo.num_prompts, max_prompt_length=grpo.max_prompt_length
     )
-    return fit(cfg, model, algo, data_iter, export=export_hf(tokenizer))
+    return fit(cfg, model, algo, data_iter, mesh=mesh, export=export_hf(tokenizer))

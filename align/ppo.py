@@ -56,7 +56,14 @@ class ActorCritic(nnx.Module):
 
 class PPO:
     def __init__(
-        self, cfg: PPOConfig, train: TrainConfig, model: ActorCritic, tokenizer, reference, fns
+        self,
+        cfg: PPOConfig,
+        train: TrainConfig,
+        model: ActorCritic,
+        tokenizer,
+        reference,
+        fns,
+        mesh=None,
     ):
         if train.batch_size % cfg.group_size:
             raise ValueError(
@@ -78,6 +85,7 @@ class PPO:
             num_seqs=train.batch_size,
             max_len=cfg.max_prompt_length + cfg.max_completion_length,
             seed=train.seed,
+            mesh=mesh,
         )
         graphdef, _ = nnx.split(model)
 
@@ -85,9 +93,9 @@ class PPO:
             logits, values = nnx.merge(graphdef, params)(tokens)
             return next_token_logprobs(logits, tokens, cfg.temperature), values
 
-        self._forward = jax.jit(forward)
+        self._forward = rl.on_mesh(jax.jit(forward), mesh)
         ref_graphdef, self.ref_state = nnx.split(reference)
-        self._ref_logps = rl.make_logps_fn(ref_graphdef, cfg.temperature)
+        self._ref_logps = rl.make_logps_fn(ref_graphdef, cfg.temperature, mesh)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def loss(self, model, batch, normalizer, rng):
@@ -175,16 +183,16 @@ class PPO:
         return train_batch, metrics
 
     def after_update(self, state):
-        self.engine.update_params(state.params["policy"])
+        rl.hand_over(self.engine, state.params["policy"])
         return {}
 
 
 def train_ppo(cfg: TrainConfig, ppo: PPOConfig | None = None) -> RunResult:
     ppo = ppo or PPOConfig()
-    if build_mesh(cfg) is not None:
-        raise ValueError("PPO runs on one device for now: set TrainConfig.mesh_shape = (1, 1, 1)")
-    policy, tokenizer = load_policy(cfg)
+    mesh = build_mesh(cfg)
+    policy, tokenizer = load_policy(cfg, mesh)
     reference = frozen_copy(policy)
+    # The value head is built on one device; `fit` places it on the mesh with the policy.
     model = ActorCritic(policy, rngs=nnx.Rngs(cfg.seed))
     fns = rl.reward_functions(
         ppo.reward_funcs,
@@ -192,7 +200,7 @@ def train_ppo(cfg: TrainConfig, ppo: PPOConfig | None = None) -> RunResult:
         tokenizer,
         ppo.max_prompt_length + ppo.max_completion_length,
     )
-    algo = PPO(ppo, cfg, model, tokenizer, reference, fns)
+    algo = PPO(ppo, cfg, model, tokenizer, reference, fns, mesh)
     data_iter = rl.prompt_iterator(
         cfg, tokenizer, num_prompts=algo.num_prompts, max_prompt_length=ppo.max_prompt_length
     )
@@ -200,4 +208,4 @@ def train_ppo(cfg: TrainConfig, ppo: PPOConfig | None = None) -> RunResult:
     def export(module: ActorCritic, run_dir: str) -> None:
         export_hf(tokenizer)(module.policy, run_dir)
 
-    return fit(cfg, model, algo, data_iter, export=export)
+    return fit(cfg, model, algo, data_iter, mesh=mesh, export=export)

@@ -1,7 +1,8 @@
 """What PPO and GRPO share: the rollout engine, prompt data, rewards, logprob passes.
 
 The engine serves the very arrays the trainer updates: it is built on the policy module, and
-after each optimizer step `Engine.update_params` installs the new ones by reference.
+after each optimizer step `hand_over` installs the new ones by reference. On a mesh the
+engine runs on the trainer's mesh, so rollouts run tensor parallel on the same sharded arrays.
 """
 
 from __future__ import annotations
@@ -25,10 +26,17 @@ PROMPT_KEYS = ("prompt", "prompt_ids")
 
 
 def make_engine(
-    model, tokenizer, *, num_seqs: int, max_len: int, page_size: int = 16, seed: int = 0
+    model,
+    tokenizer,
+    *,
+    num_seqs: int,
+    max_len: int,
+    page_size: int = 16,
+    seed: int = 0,
+    mesh=None,
 ) -> Engine:
     """An engine with pages for `num_seqs` sequences of `max_len` tokens (no memory probing:
-    RL sizes its own batch)."""
+    RL sizes its own batch), on `mesh` when the policy trains on one."""
     pages_per_seq = math.ceil(max_len / page_size) + 1
     config = EngineConfig(
         page_size=page_size,
@@ -39,7 +47,18 @@ def make_engine(
         enable_prefix_caching=True,
         seed=seed,
     )
-    return Engine(model, tokenizer, config)
+    return Engine(model, tokenizer, config, mesh=mesh)
+
+
+def hand_over(engine: Engine, params) -> None:
+    """Installs the trainer's new params in the engine, by reference. On a mesh they first
+    take the engine's own shardings: the train step returns equivalent ones spelled
+    differently (P(None, 'tensor') for P('fsdp', 'tensor', None) when fsdp is 1), which jit
+    keys as new input types, compiling the serving step again. `device_put` onto an
+    equivalent sharding moves no data."""
+    if engine.mesh is not None:
+        params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, engine.params))
+    engine.update_params(params)
 
 
 def prompt_iterator(cfg: TrainConfig, tokenizer, *, num_prompts: int, max_prompt_length: int):
@@ -83,13 +102,27 @@ def score(
     return np.asarray(total, np.float32), metrics
 
 
-def make_logps_fn(graphdef, temperature: float):
-    """jit(params, tokens i32[B, T]) -> f32[B, T] next-token logprobs at `temperature`."""
+def on_mesh(fn, mesh):
+    """`fn` called under `jax.set_mesh(mesh)` (the activation layout the train step uses), or
+    `fn` itself without a mesh."""
+    if mesh is None:
+        return fn
+
+    def call(*args):
+        with jax.set_mesh(mesh):
+            return fn(*args)
+
+    return call
+
+
+def make_logps_fn(graphdef, temperature: float, mesh=None):
+    """jit(params, tokens i32[B, T]) -> f32[B, T] next-token logprobs at `temperature`, run
+    on `mesh` when given."""
 
     def logps(params, tokens):
         return next_token_logprobs(nnx.merge(graphdef, params)(tokens), tokens, temperature)
 
-    return jax.jit(logps)
+    return on_mesh(jax.jit(logps), mesh)
 
 
 def timed(fn, *args):

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from tandem.bench.common import add_flag, format_table, sample_lengths
-from tandem.serve.llm import LLM, load_for_serving
+from tandem.serve.llm import LLM, load_for_serving, serving_config, tensor_parallel_mesh
 from tandem.serve.sampling_params import SamplingParams
 
 BASELINE_BUCKET = 32
@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "--seed", type=int, default=0)
     add_flag(
         parser,
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="split the heads and FFN over the first N devices",
+    )
+    add_flag(
+        parser,
         "--num-baseline-prompts",
         type=int,
         default=2,
@@ -116,10 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    model, tokenizer, name = load_for_serving(args.model, dtype=args.dtype, seed=args.seed)
+    mesh = tensor_parallel_mesh(
+        serving_config(args.model), args.tensor_parallel_size, flag="--tensor-parallel-size"
+    )
+    model, tokenizer, name = load_for_serving(
+        args.model, dtype=args.dtype, seed=args.seed, mesh=mesh
+    )
     llm = LLM(
         model,
         tokenizer,
+        mesh=mesh,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
         page_size=args.page_size,
@@ -135,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list = [
         ("Model", name),
+        ("Tensor parallel size", args.tensor_parallel_size),
         ("Requests", engine["num_requests"]),
         ("Input / output tokens", f"{engine['input_tokens']} / {engine['output_tokens']}"),
         ("Elapsed (s)", engine["seconds"]),

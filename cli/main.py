@@ -12,15 +12,21 @@ def _generate(args: argparse.Namespace) -> int:
     from flax import nnx
 
     from tandem.model import Transformer
+    from tandem.model.sharding import create_sharded
     from tandem.model.tokenizer import byte_tokenizer
+    from tandem.serve.llm import tensor_parallel_mesh
+    from tandem.serve.openai_server import TENSOR_PARALLEL_FLAG
     from tandem.serve.paged_runner import greedy_generate
 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     if args.model:
-        from tandem.model.hf import load_model
+        from tandem.model.hf import load_config, load_model
         from tandem.model.tokenizer import load_tokenizer
 
-        model = load_model(args.model, dtype=dtype)
+        mesh = tensor_parallel_mesh(
+            load_config(args.model), args.tensor_parallel_size, flag=TENSOR_PARALLEL_FLAG
+        )
+        model = load_model(args.model, dtype=dtype, mesh=mesh)
         tokenizer = load_tokenizer(args.model)
         source = args.model
     else:
@@ -35,7 +41,12 @@ def _generate(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        model = Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(args.seed))
+        mesh = tensor_parallel_mesh(cfg, args.tensor_parallel_size, flag=TENSOR_PARALLEL_FLAG)
+
+        def make():
+            return Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(args.seed))
+
+        model = make() if mesh is None else create_sharded(make, mesh)
         source = f"{args.gin_file} (random weights, seed {args.seed})"
     prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False)
     if not prompt_ids:
@@ -43,11 +54,13 @@ def _generate(args: argparse.Namespace) -> int:
         return 2
     start = time.perf_counter()
     [out] = greedy_generate(
-        model, [prompt_ids], args.max_new_tokens, eos_token_id=tokenizer.eos_token_id
+        model, [prompt_ids], args.max_new_tokens, eos_token_id=tokenizer.eos_token_id, mesh=mesh
     )
     seconds = time.perf_counter() - start
     cfg = model.config
     print(f"model: {source}: {cfg.model_type}, {cfg.num_layers} layers, {cfg.num_params:,} params")
+    if mesh is not None:
+        print(f"tensor parallel over {mesh.shape['tensor']} devices")
     print(f"prompt: {args.prompt!r}")
     print(f"output: {tokenizer.decode(out)!r}")
     print(f"{len(out)} tokens in {seconds:.2f} s (greedy, paged KV cache, compile included)")
@@ -79,6 +92,12 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tandem.serve.openai_server import (
+        add_serve_arguments,
+        add_tensor_parallel_argument,
+        run_server,
+    )
+
     parser = argparse.ArgumentParser(prog="tandem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="greedy text from a checkpoint or a gin preset")
@@ -99,9 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max_new_tokens", type=int, default=32)
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     gen.add_argument("--seed", type=int, default=0)
+    add_tensor_parallel_argument(gen)
     gen.set_defaults(func=_generate)
-
-    from tandem.serve.openai_server import add_serve_arguments, run_server
 
     srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server")
     add_serve_arguments(srv)

@@ -5,18 +5,56 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tandem.model.config import ModelConfig
+from tandem.model.sharding import create_sharded, make_mesh, shard_model
 from tandem.model.transformer import Transformer
 from tandem.serve.engine import Engine, EngineConfig
 from tandem.serve.output import RequestOutput
 from tandem.serve.sampling_params import SamplingParams
 
 
+def serving_config(model: str) -> ModelConfig:
+    """The ModelConfig of an HF checkpoint directory or a gin preset, without loading weights."""
+    if os.path.isdir(model):
+        from tandem.model.hf import load_config
+
+        return load_config(model)
+    from tandem.configs import model_config_from_gin
+
+    return model_config_from_gin(model)
+
+
+def tensor_parallel_mesh(cfg: ModelConfig, size: int, *, flag: str = "tensor_parallel_size"):
+    """The mesh (data 1, fsdp 1, tensor `size`) over the first `size` devices that splits
+    `cfg`'s heads `size` ways; None for 1. ValueError naming `flag` when `size` is below 1,
+    exceeds the device count, or does not divide the q or kv heads (`_fit` would replicate
+    them: every device would hold and compute all of them)."""
+    if size < 1:
+        raise ValueError(f"{flag} must be at least 1, got {size}")
+    if size == 1:
+        return None
+    devices = jax.devices()
+    if size > len(devices):
+        raise ValueError(
+            f"{flag} {size} is larger than the {len(devices)} {devices[0].platform} devices"
+        )
+    for name, what in (("num_heads", "attention heads"), ("num_kv_heads", "kv heads")):
+        if getattr(cfg, name) % size:
+            raise ValueError(
+                f"{flag} {size} does not divide the model's {getattr(cfg, name)} {what} ({name})"
+            )
+    return make_mesh(data=1, fsdp=1, tensor=size, devices=devices[:size])
+
+
 def load_for_serving(model: str, *, dtype="float32", seed: int = 0, mesh=None):
     """(model, tokenizer, name) from an HF checkpoint directory or a gin preset (random
-    weights and the byte tokenizer: for demos and tests)."""
+    weights and the byte tokenizer: for demos and tests). With `mesh`, the weights are
+    created or loaded straight into their shards (a preset's random weights are those of
+    the unsharded build, up to float rounding)."""
     if os.path.isdir(model):
         from tandem.model.hf import load_model
         from tandem.model.tokenizer import load_tokenizer
@@ -26,12 +64,15 @@ def load_for_serving(model: str, *, dtype="float32", seed: int = 0, mesh=None):
             load_tokenizer(model),
             os.path.basename(os.path.normpath(model)),
         )
-    from tandem.configs import model_config_from_gin
     from tandem.model.tokenizer import byte_tokenizer
 
-    cfg = model_config_from_gin(model)
+    cfg = serving_config(model)
     name = os.path.splitext(os.path.basename(model))[0]
-    return Transformer(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(seed)), byte_tokenizer(), name
+
+    def make():
+        return Transformer(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(seed))
+
+    return (make() if mesh is None else create_sharded(make, mesh)), byte_tokenizer(), name
 
 
 class LLM:
@@ -43,9 +84,20 @@ class LLM:
         dtype="float32",
         seed: int = 0,
         mesh=None,
+        tensor_parallel_size: int = 1,
         **engine_config,
     ):
+        """`model`: a checkpoint directory, a gin preset or a Transformer. With `mesh`, or
+        `tensor_parallel_size` > 1 (vLLM's argument: a tensor mesh over the first devices),
+        the weights are placed on the mesh and the engine runs on it."""
         name = "tandem"
+        if tensor_parallel_size != 1:
+            if mesh is not None:
+                raise ValueError("LLM: give mesh or tensor_parallel_size, not both")
+            cfg = serving_config(model) if isinstance(model, str) else model.config
+            mesh = tensor_parallel_mesh(cfg, tensor_parallel_size)
+            if not isinstance(model, str):
+                model = shard_model(model, mesh)
         if isinstance(model, str):
             model, tokenizer, name = load_for_serving(model, dtype=dtype, seed=seed, mesh=mesh)
         self.engine = Engine(

@@ -426,26 +426,36 @@ def serve(
     dtype: str = "float32",
     seed: int = 0,
     log_level: str = "info",
+    mesh=None,
     **engine_config,
 ) -> None:
     """Loads a checkpoint directory or a gin preset, builds the engine and serves it with
-    uvicorn until interrupted. `engine_config`: EngineConfig fields."""
+    uvicorn until interrupted. `mesh`: where the weights and KV pages live (tensor parallel
+    serving); `engine_config`: EngineConfig fields."""
     import uvicorn
 
     from tandem.serve.engine import Engine, EngineConfig
     from tandem.serve.llm import load_for_serving
 
-    model, tokenizer, name = load_for_serving(model_source, dtype=dtype, seed=seed)
+    model, tokenizer, name = load_for_serving(model_source, dtype=dtype, seed=seed, mesh=mesh)
     engine = Engine(
-        model, tokenizer, EngineConfig(**engine_config), model_name=served_model_name or name
+        model,
+        tokenizer,
+        EngineConfig(**engine_config),
+        model_name=served_model_name or name,
+        mesh=mesh,
     )
     async_engine = AsyncEngine(engine)
     app = build_app(async_engine, api_keys=api_keys)
-    print(f"tandem: serving {engine.model_name!r} at http://{host}:{port}/v1", flush=True)
+    where = f" (tensor parallel over {mesh.shape['tensor']} devices)" if mesh is not None else ""
+    print(f"tandem: serving {engine.model_name!r} at http://{host}:{port}/v1{where}", flush=True)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:
         async_engine.shutdown()
+
+
+TENSOR_PARALLEL_FLAG = "--tensor_parallel_size"
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -475,7 +485,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--page_size", type=int, default=16)
     parser.add_argument("--num_pages", type=int, default=None)
     parser.add_argument("--policy", choices=["fcfs", "priority", "vtc"], default="fcfs")
+    add_tensor_parallel_argument(parser)
     parser.add_argument("--log_level", default="info")
+
+
+def add_tensor_parallel_argument(parser: argparse.ArgumentParser) -> None:
+    """`--tensor_parallel_size N`, with vLLM's `--tensor-parallel-size` as an alias."""
+    parser.add_argument(
+        TENSOR_PARALLEL_FLAG,
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the attention heads and FFN over the first N devices (tensor parallel)",
+    )
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -485,6 +508,11 @@ def run_server(args: argparse.Namespace) -> int:
         raise ValueError("tandem serve: give a model (a checkpoint directory or a gin preset)")
     specs = args.api_key + [k for k in os.environ.get("TANDEM_API_KEYS", "").split(",") if k]
     keys = dict(k.split("=", 1) if "=" in k else (k, "default") for k in specs)
+    from tandem.serve.llm import serving_config, tensor_parallel_mesh
+
+    mesh = tensor_parallel_mesh(
+        serving_config(args.model), args.tensor_parallel_size, flag=TENSOR_PARALLEL_FLAG
+    )
     serve(
         args.model,
         host=args.host,
@@ -500,5 +528,6 @@ def run_server(args: argparse.Namespace) -> int:
         page_size=args.page_size,
         num_pages=args.num_pages,
         policy=args.policy,
+        mesh=mesh,
     )
     return 0
