@@ -132,7 +132,15 @@ class Engine:
             self.blocks,
         )
         shape = (num_pages, config.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
-        sharding = named_sharding(mesh, KV_AXES, shape) if mesh is not None else None
+        sharding = None
+        if mesh is not None:
+            # Spelled as jit hands sharded outputs back (no trailing Nones): the pages a
+            # step returns must match the ones it was compiled for, or the next step of
+            # the same shapes compiles again.
+            spec = list(named_sharding(mesh, KV_AXES, shape).spec)
+            while spec and spec[-1] is None:
+                spec.pop()
+            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
         self.kv = init_kv_cache(cfg, num_pages, config.page_size, kv_dtype, sharding)
         self.graphdef, self.params = nnx.split(model)
         self._step_fn = self._make_step_fn()

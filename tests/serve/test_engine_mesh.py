@@ -112,3 +112,15 @@ def test_mesh_engine_serves_updated_params_without_recompiling(model, single_dev
         o.outputs[0].token_ids for o in single_device
     ]
     assert engine.stats()["num_compiles"] == compiles
+
+
+def test_a_mesh_engine_compiles_each_bucket_once(model):
+    """The step hands back the pages with the sharding they came in with: the second step
+    of the same shapes (a 3-token prompt's prefill, then its decodes, all in the smallest
+    token and row buckets) reuses the first compilation."""
+    mesh = make_mesh(data=1, fsdp=4, tensor=2)
+    engine = Engine(shard_model(model, mesh), TOK, ENGINE, mesh=mesh)
+    engine.add_request("only", TOK.encode("abc"), SamplingParams(max_tokens=4, temperature=0.0))
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.stats()["num_compiles"] == 1
