@@ -189,7 +189,7 @@ class GRPO:
         return train_batch, metrics
 
     def after_update(self, state):
-        rl.hand_over(self.engine, state.params)
+        self.engine.update_params(state.params)
         return {}
 
 

@@ -183,7 +183,7 @@ class PPO:
         return train_batch, metrics
 
     def after_update(self, state):
-        rl.hand_over(self.engine, state.params["policy"])
+        self.engine.update_params(state.params["policy"])
         return {}
 
 

@@ -1,7 +1,7 @@
 """What PPO and GRPO share: the rollout engine, prompt data, rewards, logprob passes.
 
 The engine serves the very arrays the trainer updates: it is built on the policy module, and
-after each optimizer step `hand_over` installs the new ones by reference. On a mesh the
+after each optimizer step `Engine.update_params` installs the new ones by reference. On a mesh the
 engine runs on the trainer's mesh, so rollouts run tensor parallel on the same sharded arrays.
 """
 
@@ -48,17 +48,6 @@ def make_engine(
         seed=seed,
     )
     return Engine(model, tokenizer, config, mesh=mesh)
-
-
-def hand_over(engine: Engine, params) -> None:
-    """Installs the trainer's new params in the engine, by reference. On a mesh they first
-    take the engine's own shardings: the train step returns equivalent ones spelled
-    differently (P(None, 'tensor') for P('fsdp', 'tensor', None) when fsdp is 1), which jit
-    keys as new input types, compiling the serving step again. `device_put` onto an
-    equivalent sharding moves no data."""
-    if engine.mesh is not None:
-        params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, engine.params))
-    engine.update_params(params)
 
 
 def prompt_iterator(cfg: TrainConfig, tokenizer, *, num_prompts: int, max_prompt_length: int):

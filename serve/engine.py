@@ -212,10 +212,13 @@ class Engine:
         """Serves `params` from the next step on, by reference: no device copy, no recompile.
 
         `params` must have the tree structure, shapes and dtypes of `self.params` (a trainer's
-        `nnx.split(model)[1]` after an optimizer step); its arrays should also keep their
-        shardings, or the next step compiles anew. The prefix cache is dropped, since its KV
-        came from the old weights. Raises ValueError while requests are unfinished (their KV
-        is stale too) or on the first mismatching leaf path.
+        `nnx.split(model)[1]` after an optimizer step). On a mesh they take the engine's own
+        shardings: a train step hands back equivalent ones spelled its own way (P(None,
+        'tensor') for P('fsdp', 'tensor', None) when fsdp is 1), which jit would key as new
+        input types and compile the step again; `device_put` onto an equivalent sharding
+        moves no data. The prefix cache is dropped, since its KV came from the old weights.
+        Raises ValueError while requests are unfinished (their KV is stale too) or on the
+        first mismatching leaf path.
         """
         if self.has_unfinished():
             raise ValueError(
@@ -223,6 +226,8 @@ class Engine:
                 "from the old weights (finish or abort them first)"
             )
         _check_same_tree(self.params, params)
+        if self.mesh is not None:
+            params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, self.params))
         self.params = params
         self.blocks.reset_prefix_cache()
         self.num_param_updates += 1

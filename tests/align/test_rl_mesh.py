@@ -147,7 +147,7 @@ def test_rl_on_a_mesh_equals_one_device(tmp_path, train_file, engines, algorithm
     prompts = [[1, 2, 3], [4, 5, 6, 7]]
     before = generate(engine, prompts, group_size=2, max_tokens=4, seed=0)
     num_compiles = engine.stats()["num_compiles"]
-    rl.hand_over(engine, policy)
+    engine.update_params(policy)
     after = generate(engine, prompts, group_size=2, max_tokens=4, seed=0)
     assert engine.stats()["num_compiles"] == num_compiles
     assert after.completion_ids == before.completion_ids
