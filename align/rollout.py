@@ -120,7 +120,7 @@ def generate(
                 logprobs=0,
                 logprobs_mode="scaled",
             )
-            engine.add_request(rid, prompt, params)
+            engine.add_request(rid, prompt, params, stream=False)
     except Exception as e:
         for rid in request_ids:  # nothing stays queued
             engine.abort(rid)
@@ -128,11 +128,7 @@ def generate(
             raise ValueError(f"generate: prompt {i}: {e}") from e
         raise
 
-    done = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
+    done = engine.run_until_done()
     rollouts = Rollouts([], [], [], [], np.zeros(0, np.int32))
     groups = []
     for i, rid in enumerate(request_ids):

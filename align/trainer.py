@@ -9,7 +9,6 @@ RNG included, and continues as if it had never stopped.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -24,7 +23,7 @@ from flax import nnx
 
 from tandem.align.train_config import TrainConfig, learning_rate_schedule, make_optimizer
 from tandem.align.train_step import TrainState, init_state, make_train_step
-from tandem.model.sharding import make_mesh, named_sharding, state_shardings
+from tandem.model.sharding import make_mesh, mesh_context, named_sharding, state_shardings
 
 
 class TrainingDiverged(RuntimeError):
@@ -136,7 +135,7 @@ def fit(
         for step in range(start, cfg.num_steps):
             batch, host_metrics = algorithm.prepare(state, data_iter, step)
             t0 = time.perf_counter()
-            with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            with mesh_context(mesh):
                 state, device_metrics = train_step(state, shard_batch(batch, mesh))
             device_metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
             host_metrics["time/update"] = time.perf_counter() - t0

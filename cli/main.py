@@ -8,62 +8,50 @@ import time
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from tandem.model import Transformer
-    from tandem.model.sharding import create_sharded
-    from tandem.model.tokenizer import byte_tokenizer
-    from tandem.serve.llm import tensor_parallel_mesh
+    """Greedy text through the serving engine (`LLM`), as `tandem serve` would answer."""
+    from tandem.serve.llm import LLM, serving_config, tensor_parallel_mesh
     from tandem.serve.openai_server import TENSOR_PARALLEL_FLAG
-    from tandem.serve.paged_runner import greedy_generate
+    from tandem.serve.sampling_params import SamplingParams
 
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    source = args.model or args.gin_file
     if args.model:
-        from tandem.model.hf import load_config, load_model
-        from tandem.model.tokenizer import load_tokenizer
-
-        mesh = tensor_parallel_mesh(
-            load_config(args.model), args.tensor_parallel_size, flag=TENSOR_PARALLEL_FLAG
-        )
-        model = load_model(args.model, dtype=dtype, mesh=mesh)
-        tokenizer = load_tokenizer(args.model)
-        source = args.model
+        cfg = serving_config(args.model)
     else:
         from tandem.configs import model_config_from_gin
+        from tandem.model.tokenizer import byte_tokenizer
 
         cfg = model_config_from_gin(args.gin_file, args.gin_param)
-        tokenizer = byte_tokenizer()
-        if cfg.vocab_size < len(tokenizer):
+        if cfg.vocab_size < len(byte_tokenizer()):
             print(
                 f"error: {args.gin_file}: vocab_size {cfg.vocab_size} is smaller than the byte "
-                f"tokenizer's {len(tokenizer)}",
+                f"tokenizer's {len(byte_tokenizer())}",
                 file=sys.stderr,
             )
             return 2
-        mesh = tensor_parallel_mesh(cfg, args.tensor_parallel_size, flag=TENSOR_PARALLEL_FLAG)
-
-        def make():
-            return Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(args.seed))
-
-        model = make() if mesh is None else create_sharded(make, mesh)
-        source = f"{args.gin_file} (random weights, seed {args.seed})"
-    prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False)
+        source = cfg  # the preset with its gin overrides
+    mesh = tensor_parallel_mesh(cfg, args.tensor_parallel_size, flag=TENSOR_PARALLEL_FLAG)
+    start = time.perf_counter()
+    llm = LLM(source, dtype=args.dtype, seed=args.seed, mesh=mesh, max_num_seqs=1,
+              max_num_batched_tokens=max(64, args.max_new_tokens))  # fmt: skip
+    prompt_ids = llm.engine.tokenizer.encode(args.prompt, add_special_tokens=False)
     if not prompt_ids:
         print("error: --prompt is empty", file=sys.stderr)
         return 2
-    start = time.perf_counter()
-    [out] = greedy_generate(
-        model, [prompt_ids], args.max_new_tokens, eos_token_id=tokenizer.eos_token_id, mesh=mesh
+    [out] = llm.generate(
+        [prompt_ids], SamplingParams(max_tokens=args.max_new_tokens, temperature=0.0)
     )
     seconds = time.perf_counter() - start
-    cfg = model.config
-    print(f"model: {source}: {cfg.model_type}, {cfg.num_layers} layers, {cfg.num_params:,} params")
+    completion = out.outputs[0]
+    what = args.model or f"{args.gin_file} (random weights, seed {args.seed})"
+    print(f"model: {what}: {cfg.model_type}, {cfg.num_layers} layers, {cfg.num_params:,} params")
     if mesh is not None:
         print(f"tensor parallel over {mesh.shape['tensor']} devices")
     print(f"prompt: {args.prompt!r}")
-    print(f"output: {tokenizer.decode(out)!r}")
-    print(f"{len(out)} tokens in {seconds:.2f} s (greedy, paged KV cache, compile included)")
+    print(f"output: {completion.text!r}")
+    print(
+        f"{len(completion.token_ids)} tokens in {seconds:.2f} s (greedy, the serving engine, "
+        "compile included)"
+    )
     return 0
 
 
@@ -152,9 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     quick.set_defaults(func=_quickstart)
 
     bench = sub.add_parser(
-        "bench", help="benchmarks: serve (HTTP load), throughput, fairness, attention (GPU)"
+        "bench",
+        help="benchmarks: serve (HTTP load), throughput, fairness, attention (GPU), "
+        "engine_e2e (GPU, against HF generate)",
     )
-    bench.add_argument("which", choices=["serve", "throughput", "fairness", "attention"])
+    bench.add_argument(
+        "which",
+        choices=["serve", "throughput", "fairness", "attention", "engine_e2e", "decode_steady"],
+    )
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags")
     bench.set_defaults(func=_bench)
     return parser

@@ -7,6 +7,7 @@ The mesh has the axes ('data', 'fsdp', 'tensor'). Weights are annotated with log
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import gin
@@ -43,6 +44,13 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 
 @gin.configurable
+def mesh_context(mesh):
+    """`jax.set_mesh(mesh)`, or a context that does nothing when `mesh` is None. Under a
+    mesh, `constrain` pins activations to it and attention runs per device on its kv
+    heads (pallas_kernels/sharded.py)."""
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
 def logical_rules(rules: Sequence[tuple[str, object]] = LOGICAL_RULES) -> tuple:
     """The rules table in force (gin: `logical_rules.rules = [...]`)."""
     return tuple((name, tuple(m) if isinstance(m, list) else m) for name, m in rules)

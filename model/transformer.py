@@ -103,9 +103,20 @@ class Transformer(nnx.Module):
         kv_caches: list[jax.Array],  # per layer [P, L, 2K, H]
         md: AttentionMetadata,
     ) -> tuple[jax.Array, list[jax.Array]]:  # f32[T, V], updated caches
+        x, kv_caches = self.paged_features(tokens, kv_caches, md)
+        return self.logits(x), kv_caches
+
+    def paged_features(
+        self,
+        tokens: jax.Array,  # i32[T]
+        kv_caches: list[jax.Array],  # per layer [P, L, 2K, H]
+        md: AttentionMetadata,
+    ) -> tuple[jax.Array, list[jax.Array]]:  # [T, D] before the final norm, updated caches
+        """The serving forward without the head: the engine applies `logits` to the rows
+        it samples only (a 2048-token prefill chunk samples one)."""
         x = jnp.take(self.embed[...], tokens, axis=0)  # [T, D]
         new_caches = []
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x, kv_cache = layer.paged(x, kv_cache, md)
             new_caches.append(kv_cache)
-        return self.logits(x), new_caches
+        return x, new_caches

@@ -95,9 +95,9 @@ class BlockManager:
     def num_tokens(self, seq_id: SeqId) -> int:
         return len(self._get(seq_id).token_ids)
 
-    def block_table(self, seq_id: SeqId) -> list[int]:
-        """Physical block of each of the sequence's logical blocks (a copy)."""
-        return list(self._get(seq_id).block_table)
+    def block_table(self, seq_id: SeqId, start: int = 0) -> list[int]:
+        """Physical block of each of the sequence's logical blocks from `start` (a copy)."""
+        return self._get(seq_id).block_table[start:]
 
     def slot(self, seq_id: SeqId, position: int) -> int:
         """Flat KV slot of token `position`: block * block_size + offset in the block."""
@@ -199,6 +199,52 @@ class BlockManager:
             seq.block_hashes.append(block_hash)
         return copies
 
+    # Reserve and record: the engine's decode path, where tokens are sampled on device.
+
+    def can_reserve(self, seq_id: SeqId, start: int, end: int) -> bool:
+        """Whether `reserve(seq_id, start, end)` would succeed."""
+        return len(self._blocks_to_reserve(self._get(seq_id), start, end)) <= self.num_free_blocks
+
+    def reserve(self, seq_id: SeqId, start: int, end: int) -> list[BlockCopy]:
+        """Makes positions [start, end) writable before their tokens are known.
+
+        The engine samples on device and runs several decode steps per call, so a block
+        must exist (and be the sequence's own) before the token that fills it is seen on
+        the host. New blocks extend the table; a shared block in the range (the partial
+        last block of a forked prompt) is copied first. Returns the copies to run on device
+        before the step. The token ids follow later through `record_tokens`.
+        """
+        seq = self._get(seq_id)
+        needed = self._blocks_to_reserve(seq, start, end)
+        if len(needed) > self.num_free_blocks:
+            raise NoFreeBlocksError(
+                f"seq {seq_id!r} needs {len(needed)} blocks for positions [{start}, {end}), "
+                f"{self.num_free_blocks} free"
+            )
+        copies = []
+        for index in needed:
+            if index < len(seq.block_table):
+                src_block = seq.block_table[index]
+                dst_block = self.pool.allocate()
+                self.pool.decref(src_block)
+                seq.block_table[index] = dst_block
+                copies.append(BlockCopy(src_block, dst_block))
+            else:
+                seq.block_table.append(self.pool.allocate())
+        return copies
+
+    def record_tokens(self, seq_id: SeqId, token_ids: Sequence[int]) -> None:
+        """Appends sampled tokens (their blocks reserved before) and keys the blocks they
+        fill for the prefix cache; `commit` registers those blocks once computed."""
+        seq = self._get(seq_id)
+        for token_id in token_ids:
+            seq.token_ids.append(int(token_id))
+            if self.enable_prefix_caching and len(seq.token_ids) % self.block_size == 0:
+                parent_hash = seq.block_hashes[-1] if seq.block_hashes else None
+                seq.block_hashes.append(
+                    hash_block_tokens(parent_hash, seq.token_ids[-self.block_size :], seq.namespace)
+                )
+
     # Fork and free.
 
     def fork(self, parent_id: SeqId, child_id: SeqId) -> None:
@@ -271,6 +317,18 @@ class BlockManager:
         """Free blocks an allocation consumes: new ones plus hits that are currently free."""
         num_new = _cdiv(num_tokens, self.block_size) - len(cached_blocks)
         return num_new + sum(self.pool.ref_count(b) == 0 for b in cached_blocks)
+
+    def _blocks_to_reserve(self, seq: _SequenceBlocks, start: int, end: int) -> list[int]:
+        """Logical blocks that positions [start, end) need: missing or shared ones."""
+        if not 0 <= start <= end:
+            raise ValueError(f"cannot reserve positions [{start}, {end})")
+        if end == start:
+            return []
+        return [
+            index
+            for index in range(start // self.block_size, _cdiv(end, self.block_size))
+            if index >= len(seq.block_table) or self.pool.ref_count(seq.block_table[index]) > 1
+        ]
 
     def _num_blocks_for_append(self, seq: _SequenceBlocks) -> int:
         if len(seq.token_ids) % self.block_size == 0:

@@ -1,22 +1,31 @@
-"""The serving engine: continuous batching over the paged KV cache.
+"""The serving engine: continuous batching over the paged KV cache, a call ahead of the host.
 
 `add_request`, `abort` and `step` are the whole contract, plus `update_params` through
-which an RL trainer hands over its new weights after each optimizer step. Each step the
-scheduler picks the chunks to compute (plain Python), the batch is built in numpy, one
-jitted function runs the model over the pages and samples the completing rows on device,
-and the host updates the sequences, checks stops and emits deltas. Not thread safe: one
-thread owns an Engine (serve/async_engine.py puts it behind asyncio).
+which an RL trainer hands over its new weights after each optimizer step. Each `step`:
 
-With `mesh=`, the KV pages are sharded on kv heads and the step runs under
-`jax.set_mesh(mesh)`, so attention runs per device on its heads; the caller places the
-model's weights on the same mesh (`model.sharding.shard_model`).
+1. the scheduler plans the next call (plain Python): prefill chunks and decodes, or,
+   when no prompt work is waiting, `num_decode_steps` decode steps of every running
+   sequence in one call (pages reserved for all of them);
+2. the engine sends the device what changed (slots of sequences that join or leave,
+   new block-table entries, copy-on-write) and dispatches the call (model_runner.py);
+   tokens are sampled, written back into their slots and checked for stop ids and
+   lengths on device;
+3. it then reads the results of the call before (`async_scheduling`), so the host
+   plans and post-processes while the device computes; it appends the tokens, checks
+   stops again (and stop strings: text past a stop is never emitted, tokens after it are
+   dropped), frees what finished and emits outputs.
+
+Not thread safe: one thread owns an Engine (serve/async_engine.py puts it behind asyncio).
+With `mesh=`, the KV pages are sharded on kv heads and the calls run under the mesh; the
+caller places the model's weights on it (`model.sharding.shard_model`).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import functools
 import itertools
+import logging
 import math
 
 import jax
@@ -24,79 +33,36 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tandem.model.kv_cache import KV_AXES, copy_blocks, init_kv_cache, num_pages_for_budget
+from tandem.model.kv_cache import KV_AXES
 from tandem.model.sharding import named_sharding
 from tandem.model.transformer import Transformer
 from tandem.paged_cache import BlockManager
-from tandem.serve.batch import SeqChunk, build_batch
-from tandem.serve.model_step import mesh_context
-from tandem.serve.output import CompletionOutput, RequestOutput, TokenLogprob
-from tandem.serve.sampler import SamplingBatch, sample
+from tandem.serve.buckets import bucket_for
+from tandem.serve.engine_config import EngineConfig, QueueFullError, num_kv_pages
+from tandem.serve.model_runner import ModelRunner
+from tandem.serve.output import RequestOutput, TokenLogprob
+from tandem.serve.prompt_logprobs import record_prompt_logprobs
+from tandem.serve.request_outputs import request_outputs
 from tandem.serve.sampling_params import SamplingParams
-from tandem.serve.scheduler import Scheduler, SchedulerConfig
-from tandem.serve.sequence import Sequence, Status
+from tandem.serve.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from tandem.serve.sequence import Request, Sequence, Status
+from tandem.serve.slot_table import SlotTable
+from tandem.serve.step_inputs import mixed_step
 from tandem.serve.stops import StopChecker
 
+__all__ = ["Engine", "EngineConfig", "QueueFullError"]
 
-class QueueFullError(RuntimeError):
-    """Too many requests are waiting; the caller should retry later (HTTP 429)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    page_size: int = 16
-    """Tokens per KV page."""
-    num_pages: int | None = None
-    """KV pages; derived from kv_budget_bytes or device memory when None."""
-    kv_budget_bytes: int | None = None
-    """Bytes per device for KV pages (after the weights)."""
-    kv_memory_fraction: float = 0.9
-    """On devices that report memory: the fraction of it weights + KV may use."""
-    max_model_len: int | None = None
-    """Longest prompt + completion; the model's max_position_embeddings when None."""
-    max_num_batched_tokens: int = 512
-    """Token budget per step (decodes + prefill chunks); the largest token bucket."""
-    max_num_seqs: int = 64
-    """Sequences running at once; the sequence axis of every batch."""
-    max_waiting: int = 4096
-    """Requests waiting beyond this are refused with QueueFullError."""
-    policy: str = "fcfs"
-    """Scheduling: fcfs, priority or vtc."""
-    client_weights: tuple[tuple[str, float], ...] = ()
-    """VTC shares per client."""
-    enable_prefix_caching: bool = True
-    """Reuse the KV of full blocks shared with earlier prompts."""
-    kv_dtype: str | None = None
-    """KV page dtype; the model's when None."""
-    seed: int = 0
-    """Seeds the keys of requests without their own seed."""
-
-
-def _buckets(limit: int, minimum: int) -> list[int]:
-    """Powers of two from `minimum`, capped by `limit` (which is itself the last bucket)."""
-    out, b = [], minimum
-    while b < limit:
-        out.append(b)
-        b *= 2
-    return out + [limit]
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class _Request:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seqs: list[Sequence]
-    num_cached_tokens: int = 0
-    prompt_logprobs: list | None = None
+class _Call:
+    """A dispatched call: its device results and, per sampled row, who gets the tokens."""
 
-
-@dataclasses.dataclass
-class _SeqData:
-    request: _Request
-    index: int  # which of the request's n completions
-    stops: StopChecker
-    logprobs: list[TokenLogprob] | None
+    result: object  # StepResult of device arrays
+    rows: list[tuple[Sequence, int, int]]  # (sequence, row, tokens in flight for it)
+    logits: object = None  # f32[T, V] for prompt logprobs
+    prompt_chunks: list = dataclasses.field(default_factory=list)  # (seq, start, n, offset)
 
 
 class Engine:
@@ -104,12 +70,13 @@ class Engine:
         self,
         model: Transformer,
         tokenizer,
-        config: EngineConfig = EngineConfig(),
+        config: EngineConfig | None = None,
         *,
         model_name: str = "tandem",
         mesh=None,
     ):
         cfg = model.config
+        config = config or EngineConfig()
         self.config = config
         self.model_config = cfg
         self.tokenizer = tokenizer
@@ -117,10 +84,11 @@ class Engine:
         self.mesh = mesh
         kv_dtype = jnp.dtype(config.kv_dtype) if config.kv_dtype else model.embed.dtype
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
-        num_pages = config.num_pages or self._num_pages(cfg, kv_dtype, mesh)
+        num_pages = config.num_pages or num_kv_pages(
+            config, cfg, kv_dtype, mesh, self.max_model_len
+        )
         self.max_model_len = min(self.max_model_len, num_pages * config.page_size)
         self.pages_per_seq = math.ceil(self.max_model_len / config.page_size)
-        self.token_buckets = _buckets(config.max_num_batched_tokens, 16)
         self.blocks = BlockManager(num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -131,34 +99,50 @@ class Engine:
             ),
             self.blocks,
         )
-        shape = (num_pages, config.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
-        sharding = None
+        kv_sharding = None
         if mesh is not None:
             # Spelled as jit hands sharded outputs back (no trailing Nones): the pages a
             # step returns must match the ones it was compiled for, or the next step of
             # the same shapes compiles again.
+            shape = (num_pages, config.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
             spec = list(named_sharding(mesh, KV_AXES, shape).spec)
             while spec and spec[-1] is None:
                 spec.pop()
-            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
-        self.kv = init_kv_cache(cfg, num_pages, config.page_size, kv_dtype, sharding)
-        self.graphdef, self.params = nnx.split(model)
-        self._step_fn = self._make_step_fn()
-        self._key = jax.random.key(config.seed)
-        self._eos = set(
-            np.atleast_1d(
-                tokenizer.eos_token_id
-                if tokenizer is not None and tokenizer.eos_token_id is not None
-                else cfg.eos_token_id
-                if cfg.eos_token_id is not None
-                else []
-            ).tolist()
+            kv_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+        self.runner = ModelRunner(
+            model,
+            num_pages=num_pages,
+            page_size=config.page_size,
+            max_num_seqs=config.max_num_seqs,
+            pages_per_seq=self.pages_per_seq,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_decode_steps=config.num_decode_steps,
+            kv_dtype=kv_dtype,
+            kv_sharding=kv_sharding,
+            mesh=mesh,
+            seed=config.seed,
         )
-        self.requests: dict[str, _Request] = {}
+        eos = (
+            tokenizer.eos_token_id
+            if tokenizer is not None and tokenizer.eos_token_id is not None
+            else cfg.eos_token_id
+        )
+        self._eos = set(np.atleast_1d(eos if eos is not None else []).tolist())
+        self.requests: dict[str, Request] = {}
         self.num_prompt_tokens = 0
         self.num_cached_prompt_tokens = 0
         self.num_param_updates = 0
         self._request_serial = itertools.count()  # tells apart requests reusing a finished id
+        self.slots = SlotTable(self.runner, self.blocks, cfg.vocab_size, self._stop_ids)
+        self._in_flight: collections.deque[_Call] = collections.deque()
+
+    @property
+    def params(self) -> nnx.State:
+        return self.runner.params
+
+    @property
+    def kv(self) -> list[jax.Array]:
+        return self.runner.kv
 
     # Public contract.
 
@@ -170,8 +154,10 @@ class Engine:
         *,
         client: str = "default",
         priority: int = 0,
+        stream: bool = True,
     ) -> None:
-        """Queues a request; raises ValueError (bad request) or QueueFullError."""
+        """Queues a request; raises ValueError (bad request) or QueueFullError. With
+        `stream=False` the request's only output is its last (no text decoded per step)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt = [int(t) for t in prompt_token_ids]
@@ -187,7 +173,7 @@ class Engine:
             )
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise QueueFullError(f"{len(self.scheduler.waiting)} requests are waiting")
-        request = _Request(request_id, prompt, params, [])
+        request = Request(request_id, prompt, params, stream=stream)
         self.requests[request_id] = request
         # n > 1: one sequence computes the prompt; the others fork from its pages.
         # Prompt logprobs need logits at every prompt position: no prefix-cache hits, not
@@ -197,8 +183,7 @@ class Engine:
             if params.prompt_logprobs is not None
             else None
         )
-        seq = self._new_seq(request, 0, client, priority, namespace)
-        self.scheduler.add(seq)
+        self.scheduler.add(self._new_seq(request, 0, client, priority, namespace))
 
     def abort(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
@@ -206,6 +191,8 @@ class Engine:
             self.scheduler.finish(seq, "abort")
 
     def has_unfinished(self) -> bool:
+        """Whether a request waits or runs (a call left in flight for aborted requests
+        only is collected, and ignored, by the next step)."""
         return self.scheduler.has_unfinished()
 
     def update_params(self, params: nnx.State) -> None:
@@ -225,99 +212,45 @@ class Engine:
                 f"update_params: {len(self.requests)} requests are unfinished; their KV came "
                 "from the old weights (finish or abort them first)"
             )
-        _check_same_tree(self.params, params)
+        _check_same_tree(self.runner.params, params)
         if self.mesh is not None:
             params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, self.params))
-        self.params = params
+        self.runner.params = params
         self.blocks.reset_prefix_cache()
         self.num_param_updates += 1
 
     def step(self) -> list[RequestOutput]:
-        out = self.scheduler.schedule()
-        if not out.chunks:
-            return []
-        if out.copies:
-            copies = np.array([[c.src_block, c.dst_block] for c in out.copies], np.int32)
-            self.kv = _copy_blocks(self.kv, jnp.asarray(copies))
-        chunks = [
-            SeqChunk(c.token_ids, c.start, self.blocks.block_table(c.seq.seq_id))
-            for c in out.chunks
-        ]
-        num_tokens = out.num_tokens
-        t_bucket = next(b for b in self.token_buckets if b >= num_tokens)
-        tokens, md = build_batch(
-            chunks,
-            self.config.page_size,
-            num_tokens=t_bucket,
-            num_seqs=self.config.max_num_seqs,
-            pages_per_seq=self.pages_per_seq,
-        )
-        # Rows to sample: the last token of each completing chunk, n times for a prompt
-        # whose group forks now.
-        ends = np.cumsum([c.num_tokens for c in out.chunks]) - 1
-        rows, row_seqs, row_index = [], [], []
-        for chunk, end in zip(out.chunks, ends):
-            if not chunk.completes:
-                continue
-            seq, data = chunk.seq, chunk.seq.data
-            forks = (
-                data.request.params.n
-                if not seq.output_token_ids and data.index == 0 and len(data.request.seqs) == 1
-                else 1
-            )
-            for i in range(forks):
-                rows.append(end)
-                row_seqs.append(seq)
-                row_index.append(data.index + i)
-        r_bucket = max(8, 1 << (max(len(rows), 1) - 1).bit_length())
-        params_list = [s.data.request.params for s in row_seqs]
-        sbatch = SamplingBatch.build(
-            params_list,
-            [s.prompt_token_ids for s in row_seqs],
-            [s.output_token_ids for s in row_seqs],
-            vocab_size=self.model_config.vocab_size,
-            pad_to=r_bucket,
-            sample_indices=row_index,
-        )
-        row_array = np.zeros(r_bucket, np.int32)
-        row_array[: len(rows)] = rows
-        self._key, key = jax.random.split(self._key)
-        want_logits = any(c.seq.data.request.params.prompt_logprobs is not None for c in out.chunks)
-        with mesh_context(self.mesh):
-            self.kv, result, logits = self._step_fn(
-                self.params,
-                self.kv,
-                jnp.asarray(tokens),
-                md,
-                jnp.asarray(row_array),
-                sbatch,
-                key,
-                want_logits,
-            )
-        result = jax.tree.map(np.asarray, result)
-        if want_logits:
-            self._record_prompt_logprobs(out.chunks, np.asarray(logits[:num_tokens]))
-
-        sampled = {}  # seq -> [(token, row)], in row order
-        for r, seq in enumerate(row_seqs):
-            sampled.setdefault(id(seq), []).append(r)
-        grew = self.scheduler.update(out, lambda c: result.tokens[sampled[id(c.seq)][0]])
-        changed = []
-        for seq in grew:
-            first, *fork_rows = sampled[id(seq)]
-            changed.append(seq)
-            # Fork before the parent's stop check: a parent whose first token is EOS is
-            # finished (its pages freed) by _after_token, and its group still needs them.
-            for r in fork_rows:
-                child = self._new_seq(
-                    seq.data.request, row_index[r], seq.client, seq.priority, seq.namespace
-                )
-                child.output_token_ids.append(int(result.tokens[r]))
-                self.scheduler.fork(seq, child)
-                self._after_token(child, result, r)
-                changed.append(child)
-            self._after_token(seq, result, first)
+        """Dispatches the next call, then returns the outputs of the call before it (of this
+        one, without `async_scheduling`, or when nothing new could be dispatched)."""
+        changed: list[Sequence] = []
+        lookahead = self.config.num_decode_steps
+        plan = self.scheduler.schedule(lookahead, can_preempt=not self._in_flight)
+        if plan.needs_drain:  # a preemption must see every token first
+            while self._in_flight:
+                changed += self._collect(self._in_flight.popleft())
+            plan = self.scheduler.schedule(lookahead)
+        if plan.chunks:
+            self._in_flight.append(self._dispatch(plan))
+        keep = 1 if plan.chunks and self.config.async_scheduling else 0
+        while len(self._in_flight) > keep:
+            changed += self._collect(self._in_flight.popleft())
         return self._outputs(changed)
+
+    def run_until_done(self, on_finish=None) -> dict[str, RequestOutput]:
+        """Steps until no request is unfinished; returns each request's last output by id
+        (`on_finish(output)` is called as each one finishes: a progress bar)."""
+        done: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    done[out.request_id] = out
+                    if on_finish is not None:
+                        on_finish(out)
+        return done
+
+    def warm_up(self) -> float:
+        """Compiles every step shape now (seconds): none compiles while serving."""
+        return self.runner.warm_up()
 
     def stats(self) -> dict:
         return {
@@ -330,54 +263,124 @@ class Engine:
                 else 0.0
             ),
             "clients": {c: dict(v) for c, v in self.scheduler.service.items()},
-            "num_compiles": self._step_fn._cache_size(),
+            "num_compiles": self.runner.num_compiles,
             "num_param_updates": self.num_param_updates,
         }
 
-    # Internals.
+    # Dispatch: the host's plan -> diffs and one call on device.
 
-    def _num_pages(self, cfg, kv_dtype, mesh) -> int:
-        shards = 1
-        if mesh is not None:
-            # As the pages will be placed: kv heads that the rules cannot split replicate.
-            page = (1, self.config.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
-            shards = page[2] // named_sharding(mesh, KV_AXES, page).shard_shape(page)[2]
-        min_pages = self.config.max_num_seqs
-        if self.config.kv_budget_bytes is not None:
-            return num_pages_for_budget(
-                cfg,
-                self.config.page_size,
-                dtype=kv_dtype,
-                budget_bytes=self.config.kv_budget_bytes,
-                num_kv_shards=shards,
-                min_pages=min_pages,
+    def _dispatch(self, plan: SchedulerOutput) -> _Call:
+        completing = [c for c in plan.chunks if c.completes and not c.is_decode]
+        forks, num_free = {}, self.scheduler.num_free_seqs
+        for c in completing:
+            if self._is_group_parent(c.seq):
+                forks[c.seq] = self._fork_group(c.seq, num_free)
+                num_free -= len(forks[c.seq])
+        self.scheduler.scheduled(plan)
+        for parent, children in forks.items():
+            for child in children:
+                self.scheduler.fork(parent, child)
+                child.num_inflight_tokens = 1
+        members = [c.seq for c in plan.chunks]
+        children = [child for group in forks.values() for child in group]
+        self.slots.sync([(c.seq, c.start) for c in plan.chunks] + [(c, 0) for c in children])
+        if plan.copies:
+            self.runner.copy_blocks([(c.src_block, c.dst_block) for c in plan.copies])
+        if plan.has_prefill:
+            step = mixed_step(
+                plan,
+                forks,
+                num_tokens=bucket_for(plan.num_tokens, self.runner.token_buckets),
+                num_slots=self.config.max_num_seqs,
             )
-        stats = jax.devices()[0].memory_stats()
-        if stats and "bytes_limit" in stats:
-            return num_pages_for_budget(
-                cfg,
-                self.config.page_size,
-                dtype=kv_dtype,
-                memory_fraction=self.config.kv_memory_fraction,
-                num_kv_shards=shards,
-                min_pages=min_pages,
-            )
-        # A host without a memory report (CPU): room for every sequence at full length.
-        return self.config.max_num_seqs * math.ceil(self.max_model_len / self.config.page_size)
+            num_top = self._num_top_of([seq for seq, _, _ in step.rows])
+            result, logits = self.runner.mixed(step.inputs, num_top, step.want_logits)
+            return _Call(result, step.rows, logits, step.prompt_chunks)
+        num_slots = bucket_for(max(c.seq.slot for c in plan.chunks) + 1, self.runner.slot_buckets)
+        # Rounded up to a step bucket: the device stops each slot at its own cap.
+        num_steps = bucket_for(max(c.num_tokens for c in plan.chunks), self.runner.step_buckets)
+        result = self.runner.decode(num_steps, num_slots, self._num_top_of(members))
+        return _Call(result, [(c.seq, c.seq.slot, c.num_tokens) for c in plan.chunks])
 
-    def _make_step_fn(self):
-        graphdef = self.graphdef
+    # Collect: a call's results -> tokens, stops, outputs.
 
-        @functools.partial(jax.jit, donate_argnums=(1,), static_argnums=(7,))
-        def step(params, kv, tokens, md, rows, sbatch, key, want_logits):
-            model = nnx.merge(graphdef, params)
-            logits, kv = model.forward_paged(tokens, kv, md)  # [T, V]
-            result = sample(logits[rows], sbatch, key)
-            return kv, result, (logits if want_logits else None)
+    def _collect(self, call: _Call) -> list[Sequence]:
+        result = jax.device_get(call.result)
+        if call.prompt_chunks:
+            logits = np.asarray(call.logits)
+            for seq, start, n, offset in call.prompt_chunks:
+                if seq.status != Status.FINISHED:
+                    record_prompt_logprobs(seq.request, start, logits[offset : offset + n])
+        changed = []
+        for seq, row, num_scheduled in call.rows:
+            tokens = result.tokens[:, row]
+            produced = tokens[: np.argmax(tokens < 0)] if tokens.min() < 0 else tokens
+            try:
+                accepted = self._accept(seq, produced, result, row)
+            except Exception as e:  # noqa: BLE001 - one request's failure stays its own
+                logger.exception("request %s failed", seq.request.request_id)
+                self._fail(seq.request, f"{type(e).__name__}: {e}")
+                accepted = []
+            self.scheduler.tokens_arrived(seq, accepted, num_scheduled)
+            if accepted or seq.status == Status.FINISHED:
+                changed.append(seq)
+        return changed
 
-        return step
+    def _accept(self, seq: Sequence, produced: np.ndarray, result, row: int) -> list[int]:
+        """Appends the tokens the device produced for `seq` up to its first stop; returns
+        those appended (none for a sequence that finished or was aborted meanwhile)."""
+        if seq.status == Status.FINISHED or not len(produced):
+            return []
+        params, request = seq.request.params, seq.request
+        first = not seq.output_token_ids
+        accepted = []
+        reason = None
+        check_strings = bool(params.stop) and seq.stops is not None
+        for j, token in enumerate(produced.tolist()):
+            seq.output_token_ids.append(token)
+            accepted.append(token)
+            if seq.logprobs is not None:
+                k = params.logprobs
+                top = list(
+                    zip(
+                        result.top_ids[j, row, :k].tolist(),
+                        result.top_logprobs[j, row, :k].tolist(),
+                    )
+                )
+                seq.logprobs.append(TokenLogprob(token, float(result.logprobs[j, row]), top))
+            if (not params.ignore_eos and token in self._eos) or token in params.stop_token_ids:
+                reason = "stop"
+            if check_strings and seq.stops.append(seq.output_token_ids, reason is not None):
+                reason = "stop"
+            if reason is None and seq.num_known_tokens >= seq.max_num_tokens:
+                reason = "length"
+            if reason is not None:
+                break
+        if first and seq.index == 0:
+            request.num_cached_tokens = seq.num_cached_tokens
+            self.num_prompt_tokens += len(seq.prompt_token_ids)
+            self.num_cached_prompt_tokens += seq.num_cached_tokens
+        if reason is not None:
+            if check_strings and reason == "length":
+                seq.stops.flush()
+            self.scheduler.finish(seq, reason)
+        return accepted
 
-    def _new_seq(self, request, index, client, priority, namespace) -> Sequence:
+    def _fail(self, request: Request, error: str) -> None:
+        request.error = error
+        for seq in request.seqs:
+            self.scheduler.finish(seq, "error")
+
+    def _outputs(self, changed: list[Sequence]) -> list[RequestOutput]:
+        outputs = request_outputs(changed)
+        for out in outputs:
+            if out.finished:
+                self.requests.pop(out.request_id, None)
+        return outputs
+
+    # Sequences.
+
+    def _new_seq(self, request: Request, index, client, priority, namespace) -> Sequence:
         params = request.params
         seq = Sequence(
             f"{request.request_id}#{index}",
@@ -385,113 +388,45 @@ class Engine:
             client=client,
             priority=priority,
             namespace=namespace,
-        )
-        seq.data = _SeqData(
-            request,
-            index,
-            StopChecker(self.tokenizer, params),
-            [] if params.logprobs is not None else None,
+            max_num_tokens=min(
+                len(request.prompt_token_ids) + params.max_tokens, self.max_model_len
+            ),
+            request=request,
+            index=index,
+            stops=StopChecker(self.tokenizer, params) if self.tokenizer is not None else None,
+            logprobs=[] if params.logprobs is not None else None,
         )
         request.seqs.append(seq)
         return seq
 
-    def _after_token(self, seq: Sequence, result, row: int) -> None:
-        data, params = seq.data, seq.data.request.params
-        token = seq.output_token_ids[-1]
-        if data.logprobs is not None:
-            k = params.logprobs
-            top = list(zip(result.top_ids[row, :k].tolist(), result.top_logprobs[row, :k].tolist()))
-            data.logprobs.append(TokenLogprob(token, float(result.logprobs[row]), top))
-        request = data.request
-        if len(seq.output_token_ids) == 1 and data.index == 0:
-            request.num_cached_tokens = seq.num_cached_tokens
-            self.num_prompt_tokens += len(seq.prompt_token_ids)
-            self.num_cached_prompt_tokens += seq.num_cached_tokens
-        reason = None
-        if not params.ignore_eos and token in self._eos:
-            reason = "stop"
-        elif token in params.stop_token_ids:
-            reason = "stop"
-        if data.stops.append(seq.output_token_ids, finished=reason is not None):
-            reason = "stop"
-        if reason is None and (
-            len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len
-        ):
-            reason = "length"
-            data.stops.flush()
-        if reason is not None:
-            self.scheduler.finish(seq, reason)
+    def _is_group_parent(self, seq: Sequence) -> bool:
+        request = seq.request
+        return (
+            request.params.n > 1
+            and seq.index == 0
+            and len(request.seqs) == 1
+            and seq.num_generated == 0
+        )
 
-    def _record_prompt_logprobs(self, chunks, logits: np.ndarray) -> None:
-        """prompt_logprobs: the log-probability (raw or scaled, as `logprobs_mode` says) of
-        each prompt token given the ones before it (the first has none), with the top
-        alternatives."""
-        start = 0
-        for chunk in chunks:
-            request = chunk.seq.data.request
-            k = request.params.prompt_logprobs
-            rows = logits[start : start + chunk.num_tokens] / request.params.logprob_temperature
-            start += chunk.num_tokens
-            if k is None or chunk.seq.data.index != 0 or chunk.seq.output_token_ids:
-                continue
-            if request.prompt_logprobs is None:
-                request.prompt_logprobs = [None]
-            # A sequence preempted part-way through its prompt recomputes it from the
-            # start: entries past this chunk's first position are replaced, not repeated.
-            del request.prompt_logprobs[chunk.start + 1 :]
-            logp = rows - np.logaddexp.reduce(rows, axis=-1, keepdims=True)
-            prompt = request.prompt_token_ids
-            for i in range(chunk.num_tokens):
-                pos = chunk.start + i + 1  # the token these logits predict
-                if pos >= len(prompt):
-                    break
-                top = np.argsort(-logp[i])[:k]
-                request.prompt_logprobs.append(
-                    TokenLogprob(
-                        prompt[pos],
-                        float(logp[i, prompt[pos]]),
-                        [(int(t), float(logp[i, t])) for t in top],
-                    )
-                )
+    def _fork_group(self, parent: Sequence, num_free: int) -> list[Sequence]:
+        """The other n - 1 members of `parent`'s group: as many as there are free slots fork
+        from its pages now; the rest wait and compute the prompt themselves (prefix-cache
+        hits), so a group larger than the batch runs over several steps."""
+        request = parent.request
+        children = [
+            self._new_seq(request, i, parent.client, parent.priority, parent.namespace)
+            for i in range(1, request.params.n)
+        ]
+        num_now = max(0, num_free)
+        for child in children[num_now:]:
+            self.scheduler.add(child)
+        return children[:num_now]
 
-    def _outputs(self, changed: list[Sequence]) -> list[RequestOutput]:
-        by_request: dict[str, _Request] = {}
-        for seq in changed:
-            by_request[seq.data.request.request_id] = seq.data.request
-        outputs = []
-        for request_id, request in by_request.items():
-            completions = []
-            for seq in sorted(request.seqs, key=lambda s: s.data.index):
-                text, new_text = seq.data.stops.take()
-                new_ids = seq.output_token_ids[seq.data.stops.num_ids_emitted :]
-                seq.data.stops.num_ids_emitted = len(seq.output_token_ids)
-                completions.append(
-                    CompletionOutput(
-                        index=seq.data.index,
-                        text=text,
-                        token_ids=list(seq.output_token_ids),
-                        new_text=new_text,
-                        new_token_ids=new_ids,
-                        logprobs=list(seq.data.logprobs) if seq.data.logprobs is not None else None,
-                        finish_reason=seq.finish_reason,
-                    )
-                )
-            finished = len(request.seqs) == request.params.n and all(
-                s.status == Status.FINISHED for s in request.seqs
-            )
-            if finished:
-                self.requests.pop(request_id, None)
-            outputs.append(
-                RequestOutput(
-                    request_id,
-                    request.prompt_token_ids,
-                    completions,
-                    finished,
-                    request.num_cached_tokens,
-                    request.prompt_logprobs,
-                )
-            )
-        return outputs
+    def _stop_ids(self, params: SamplingParams) -> list[int]:
+        return list(params.stop_token_ids) + ([] if params.ignore_eos else sorted(self._eos))
+
+    def _num_top_of(self, seqs) -> int:
+        return self.runner.num_top if any(s.request.params.logprobs for s in seqs) else 0
 
 
 def _check_same_tree(old, new) -> None:
@@ -513,6 +448,3 @@ def _check_same_tree(old, new) -> None:
             )
     if jax.tree.structure(old) != jax.tree.structure(new):
         raise ValueError("update_params: the new params' tree structure differs")
-
-
-_copy_blocks = jax.jit(copy_blocks, donate_argnums=(0,))

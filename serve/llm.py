@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from tandem.model.config import ModelConfig
@@ -50,29 +51,42 @@ def tensor_parallel_mesh(cfg: ModelConfig, size: int, *, flag: str = "tensor_par
     return make_mesh(data=1, fsdp=1, tensor=size, devices=devices[:size])
 
 
+def serving_tokenizer(model: str):
+    """The tokenizer `load_for_serving` pairs with `model`: an HF checkpoint directory's
+    own, the byte tokenizer for a gin preset. Needs no device (a front end process)."""
+    if os.path.isdir(model):
+        from tandem.model.tokenizer import load_tokenizer
+
+        return load_tokenizer(model)
+    from tandem.model.tokenizer import byte_tokenizer
+
+    return byte_tokenizer()
+
+
 def load_for_serving(model: str, *, dtype="float32", seed: int = 0, mesh=None):
     """(model, tokenizer, name) from an HF checkpoint directory or a gin preset (random
     weights and the byte tokenizer: for demos and tests). With `mesh`, the weights are
     created or loaded straight into their shards (a preset's random weights are those of
     the unsharded build, up to float rounding)."""
-    if os.path.isdir(model):
+    if isinstance(model, str) and os.path.isdir(model):
         from tandem.model.hf import load_model
-        from tandem.model.tokenizer import load_tokenizer
 
         return (
             load_model(model, dtype=jnp.dtype(dtype), mesh=mesh),
-            load_tokenizer(model),
+            serving_tokenizer(model),
             os.path.basename(os.path.normpath(model)),
         )
-    from tandem.model.tokenizer import byte_tokenizer
-
-    cfg = serving_config(model)
-    name = os.path.splitext(os.path.basename(model))[0]
+    if isinstance(model, ModelConfig):  # a preset with its overrides applied
+        cfg, name = model, model.model_type
+    else:
+        cfg = serving_config(model)
+        name = os.path.splitext(os.path.basename(model))[0]
 
     def make():
         return Transformer(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(seed))
 
-    return (make() if mesh is None else create_sharded(make, mesh)), byte_tokenizer(), name
+    transformer = make() if mesh is None else create_sharded(make, mesh)
+    return transformer, serving_tokenizer(model if isinstance(model, str) else ""), name
 
 
 class LLM:
@@ -87,18 +101,25 @@ class LLM:
         tensor_parallel_size: int = 1,
         **engine_config,
     ):
-        """`model`: a checkpoint directory, a gin preset or a Transformer. With `mesh`, or
+        """`model`: a checkpoint directory, a gin preset (or its ModelConfig: random
+        weights) or a Transformer. With `mesh`, or
         `tensor_parallel_size` > 1 (vLLM's argument: a tensor mesh over the first devices),
         the weights are placed on the mesh and the engine runs on it."""
         name = "tandem"
         if tensor_parallel_size != 1:
             if mesh is not None:
                 raise ValueError("LLM: give mesh or tensor_parallel_size, not both")
-            cfg = serving_config(model) if isinstance(model, str) else model.config
+            cfg = (
+                serving_config(model)
+                if isinstance(model, str)
+                else model
+                if isinstance(model, ModelConfig)
+                else model.config
+            )
             mesh = tensor_parallel_mesh(cfg, tensor_parallel_size)
-            if not isinstance(model, str):
+            if isinstance(model, Transformer):
                 model = shard_model(model, mesh)
-        if isinstance(model, str):
+        if not isinstance(model, Transformer):
             model, tokenizer, name = load_for_serving(model, dtype=dtype, seed=seed, mesh=mesh)
         self.engine = Engine(
             model, tokenizer, EngineConfig(**engine_config), model_name=name, mesh=mesh
@@ -113,33 +134,49 @@ class LLM:
         use_tqdm: bool | None = None,
     ) -> list[RequestOutput]:
         """Runs every prompt to completion; outputs come back in the prompts' order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str | dict) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
         params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
         ids = []
-        for prompt, p in zip(prompts, params):
-            tokens = (
-                self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            )
-            request_id = f"offline-{self._next_id}"
-            self._next_id += 1
-            self.engine.add_request(request_id, tokens, p)
-            ids.append(request_id)
-        results: dict[str, RequestOutput] = {}
+        try:
+            for prompt, p in zip(prompts, params):
+                request_id = f"offline-{self._next_id}"
+                self._next_id += 1
+                self.engine.add_request(request_id, self._prompt_ids(prompt), p, stream=False)
+                ids.append(request_id)
+        except Exception:
+            for request_id in ids:  # nothing of a refused batch stays queued
+                self.engine.abort(request_id)
+            raise
         bar = None
         if use_tqdm or (use_tqdm is None and len(prompts) >= 32):
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(prompts), desc="generate", unit="req")
-        while len(results) < len(ids):
-            for out in self.engine.step():
-                if out.finished:
-                    results[out.request_id] = out
-                    if bar is not None:
-                        bar.update(1)
+        results = self.engine.run_until_done(None if bar is None else lambda _: bar.update(1))
         if bar is not None:
             bar.close()
         return [results[i] for i in ids]
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        """Text, token ids, or vLLM's {"prompt_token_ids": [...]} / {"prompt": "..."}."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError(
+                    f"a dict prompt needs 'prompt_token_ids' or 'prompt', got keys {sorted(prompt)}"
+                )
+        if isinstance(prompt, str):
+            return self.engine.tokenizer.encode(prompt)
+        if not all(isinstance(t, int | np.integer) for t in prompt):
+            raise ValueError(
+                f"a prompt is text, a list of token ids or a dict; got {type(prompt).__name__} "
+                "with non-integer items"
+            )
+        return list(prompt)

@@ -427,28 +427,65 @@ def serve(
     seed: int = 0,
     log_level: str = "info",
     mesh=None,
+    tensor_parallel_size: int = 1,
+    engine_process: bool = True,
     **engine_config,
 ) -> None:
     """Loads a checkpoint directory or a gin preset, builds the engine and serves it with
-    uvicorn until interrupted. `mesh`: where the weights and KV pages live (tensor parallel
-    serving); `engine_config`: EngineConfig fields."""
+    uvicorn until interrupted. `engine_process`: the engine loop runs in its own process
+    (the front end and the engine do not share a GIL), else on a thread of this one.
+    `tensor_parallel_size`: split the heads over the first devices; `mesh` (in-process
+    only): where the weights and KV pages live. `engine_config`: EngineConfig fields."""
     import uvicorn
 
-    from tandem.serve.engine import Engine, EngineConfig
-    from tandem.serve.llm import load_for_serving
+    if engine_process:
+        if mesh is not None:
+            raise ValueError(
+                "serve: a mesh does not cross into the engine process; give "
+                "tensor_parallel_size, or engine_process=False"
+            )
+        from tandem.serve.engine_process import EngineSpec, ProcessEngine
 
-    model, tokenizer, name = load_for_serving(model_source, dtype=dtype, seed=seed, mesh=mesh)
-    engine = Engine(
-        model,
-        tokenizer,
-        EngineConfig(**engine_config),
-        model_name=served_model_name or name,
-        mesh=mesh,
-    )
-    async_engine = AsyncEngine(engine)
+        spec = EngineSpec(
+            model_source,
+            dtype=dtype,
+            seed=seed,
+            tensor_parallel_size=tensor_parallel_size,
+            tensor_parallel_flag=TENSOR_PARALLEL_FLAG,
+            served_model_name=served_model_name,
+            engine_config=engine_config,
+        )
+        async_engine = ProcessEngine(spec)
+    else:
+        from tandem.serve.engine import Engine, EngineConfig
+        from tandem.serve.llm import load_for_serving, serving_config, tensor_parallel_mesh
+
+        if mesh is None:
+            mesh = tensor_parallel_mesh(
+                serving_config(model_source), tensor_parallel_size, flag=TENSOR_PARALLEL_FLAG
+            )
+        model, tokenizer, name = load_for_serving(model_source, dtype=dtype, seed=seed, mesh=mesh)
+        engine = Engine(
+            model,
+            tokenizer,
+            EngineConfig(**engine_config),
+            model_name=served_model_name or name,
+            mesh=mesh,
+        )
+        async_engine = AsyncEngine(engine)
+        tensor_parallel_size = 1 if mesh is None else mesh.shape["tensor"]
     app = build_app(async_engine, api_keys=api_keys)
-    where = f" (tensor parallel over {mesh.shape['tensor']} devices)" if mesh is not None else ""
-    print(f"tandem: serving {engine.model_name!r} at http://{host}:{port}/v1{where}", flush=True)
+    where = (
+        f" (tensor parallel over {tensor_parallel_size} devices)"
+        if tensor_parallel_size > 1
+        else ""
+    )
+    loop = "its own process" if engine_process else "a thread"
+    print(
+        f"tandem: serving {async_engine.model_name!r} at http://{host}:{port}/v1{where}; "
+        f"the engine runs in {loop}",
+        flush=True,
+    )
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:
@@ -486,6 +523,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_pages", type=int, default=None)
     parser.add_argument("--policy", choices=["fcfs", "priority", "vtc"], default="fcfs")
     add_tensor_parallel_argument(parser)
+    parser.add_argument(
+        "--engine_process",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the engine loop in its own process, off the HTTP front end's GIL "
+        "(--no-engine_process: on a thread of the server's process)",
+    )
     parser.add_argument("--log_level", default="info")
 
 
@@ -508,11 +552,6 @@ def run_server(args: argparse.Namespace) -> int:
         raise ValueError("tandem serve: give a model (a checkpoint directory or a gin preset)")
     specs = args.api_key + [k for k in os.environ.get("TANDEM_API_KEYS", "").split(",") if k]
     keys = dict(k.split("=", 1) if "=" in k else (k, "default") for k in specs)
-    from tandem.serve.llm import serving_config, tensor_parallel_mesh
-
-    mesh = tensor_parallel_mesh(
-        serving_config(args.model), args.tensor_parallel_size, flag=TENSOR_PARALLEL_FLAG
-    )
     serve(
         args.model,
         host=args.host,
@@ -528,6 +567,7 @@ def run_server(args: argparse.Namespace) -> int:
         page_size=args.page_size,
         num_pages=args.num_pages,
         policy=args.policy,
-        mesh=mesh,
+        tensor_parallel_size=args.tensor_parallel_size,
+        engine_process=args.engine_process,
     )
     return 0

@@ -31,3 +31,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int  # prompt tokens served from the prefix cache
     prompt_logprobs: list[TokenLogprob | None] | None
+    error: str | None = None  # this request alone failed (finish_reason "error")

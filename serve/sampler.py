@@ -1,8 +1,9 @@
 """Logits -> tokens for a padded batch: penalties, temperature, top-k/top-p/min-p, seeded keys.
 
-`SamplingBatch.build` packs the rows' SamplingParams and token histories into numpy arrays
-on the host; `sample` is one jitted pure function over them, compiled once per padded batch
-size B (and per penalty bucket M and logprob width K, each of which takes few values).
+`SamplingBatch` holds the rows' SamplingParams as arrays. The engine keeps one per slot on
+device (serve/device_batch.py) and gathers the rows it samples; `SamplingBatch.build` packs
+them on the host (tests, one-off calls). `sample` is one jitted pure function over them,
+compiled once per padded batch size B (and per penalty width, 0 or V, and logprob width K).
 
 Order, as in vLLM V1:
   1. logprobs over the full vocabulary, before penalties and truncation: per row,
@@ -37,9 +38,6 @@ import numpy as np
 
 from tandem.serve.sampling_params import GREEDY_EPS, MAX_LOGPROBS, SamplingParams
 
-# Smallest bucket for the penalty token columns; buckets grow by powers of two.
-MIN_PENALTY_BUCKET = 16
-
 
 @dataclasses.dataclass(frozen=True)
 class SamplingBatch:
@@ -53,11 +51,12 @@ class SamplingBatch:
     repetition_penalty: np.ndarray  # f32[B]
     presence_penalty: np.ndarray  # f32[B]
     frequency_penalty: np.ndarray  # f32[B]
-    # Distinct tokens of prompt + output per penalised row, -1 padded, and how often each
-    # occurs in the output. M == 0 when no row is penalised: the penalty step is skipped
-    # at trace time. A gather/scatter over [B, M] replaces dense [B, V] masks.
-    penalty_token_ids: np.ndarray  # i32[B, M]
-    penalty_output_counts: np.ndarray  # i32[B, M]
+    # Penalty state, dense over the vocabulary (vLLM V1's layout): how often each token
+    # occurs in the row's output, and whether it occurs in its prompt. Width 0 when no row
+    # is penalised (the penalty step is skipped at trace time); on device the engine keeps
+    # width V and updates the counts as tokens are sampled, never re-sending histories.
+    output_counts: np.ndarray  # i32[B, V or 0]
+    prompt_mask: np.ndarray  # bool[B, V or 0]
     is_seeded: np.ndarray  # bool[B]
     seed: np.ndarray  # u32[B, 2], (low, high) 32 bits of the seed mod 2**64
     sample_index: np.ndarray  # i32[B], which of the request's n completions
@@ -108,22 +107,17 @@ class SamplingBatch:
                 seed[i] = (s & 0xFFFFFFFF, s >> 32)
 
         penalised = [i for i, p in enumerate(params_list) if p.uses_penalties]
-        uniques = {}
+        width = vocab_size if penalised else 0
+        output_counts = np.zeros((pad_to, width), np.int32)
+        prompt_mask = np.zeros((pad_to, width), np.bool_)
         for i in penalised:
             prompt = np.asarray(prompt_token_ids_list[i], np.int64)
             output = np.asarray(output_token_ids_list[i], np.int64)
-            ids = np.unique(np.concatenate([prompt, output]))
-            if ids.size and (ids[0] < 0 or ids[-1] >= vocab_size):
+            ids = np.concatenate([prompt, output])
+            if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
                 raise ValueError(f"row {i}: token ids must lie in [0, {vocab_size})")
-            counts = np.bincount(np.searchsorted(ids, output), minlength=ids.size)
-            uniques[i] = (ids, counts)
-        width = max((ids.size for ids, _ in uniques.values()), default=0)
-        m = 0 if not penalised else max(MIN_PENALTY_BUCKET, 1 << (width - 1).bit_length())
-        penalty_token_ids = np.full((pad_to, m), -1, np.int32)
-        penalty_output_counts = np.zeros((pad_to, m), np.int32)
-        for i, (ids, counts) in uniques.items():
-            penalty_token_ids[i, : ids.size] = ids
-            penalty_output_counts[i, : ids.size] = counts
+            np.add.at(output_counts[i], output, 1)
+            prompt_mask[i, prompt] = True
 
         wants_top = any(p.logprobs for p in params_list)
         return cls(
@@ -134,8 +128,8 @@ class SamplingBatch:
             repetition_penalty=column(lambda p: p.repetition_penalty, np.float32, 1.0),
             presence_penalty=column(lambda p: p.presence_penalty, np.float32, 0.0),
             frequency_penalty=column(lambda p: p.frequency_penalty, np.float32, 0.0),
-            penalty_token_ids=penalty_token_ids,
-            penalty_output_counts=penalty_output_counts,
+            output_counts=output_counts,
+            prompt_mask=prompt_mask,
             is_seeded=column(lambda p: p.seed is not None, np.bool_, False),
             seed=seed,
             sample_index=_pad(sample_indices, pad_to, np.int32),
@@ -166,8 +160,14 @@ def sample(logits: jax.Array, batch: SamplingBatch, key: jax.Array) -> SampleRes
         logits / batch.logprob_temperature[:, None], batch.num_top_logprobs
     )
 
-    if batch.penalty_token_ids.shape[1]:
-        logits = apply_penalties(logits, batch)
+    if batch.output_counts.shape[1]:
+        is_penalised = (
+            (batch.repetition_penalty != 1.0)
+            | (batch.presence_penalty != 0.0)
+            | (batch.frequency_penalty != 0.0)
+        )
+        # At run time: a step whose rows are all unpenalised skips the [B, V] work.
+        logits = jax.lax.cond(jnp.any(is_penalised), apply_penalties, lambda x, b: x, logits, batch)
     is_greedy = batch.temperature < GREEDY_EPS
     greedy_tokens = jnp.argmax(logits, axis=-1)
 
@@ -203,21 +203,13 @@ def token_logprobs(
 
 
 def apply_penalties(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
-    """Repetition, then frequency and presence penalties, on the M listed tokens per row."""
-    logits = jnp.asarray(logits)
-    num_rows, vocab = logits.shape
-    ids = batch.penalty_token_ids  # [B, M]
-    # -1 padding becomes V: out of range, so the scatter below drops it (a negative index
-    # would wrap around to the last token).
-    ids = jnp.where(ids < 0, vocab, ids)
-    vals = jnp.take_along_axis(logits, jnp.minimum(ids, vocab - 1), axis=-1)  # [B, M]
+    """Repetition (over prompt and output tokens), then frequency and presence (output)."""
+    counts = batch.output_counts  # [B, V]
+    seen = batch.prompt_mask | (counts > 0)
     rep = batch.repetition_penalty[:, None]
-    vals = jnp.where(vals > 0, vals / rep, vals * rep)
-    counts = batch.penalty_output_counts
-    vals = vals - batch.frequency_penalty[:, None] * counts
-    vals = vals - batch.presence_penalty[:, None] * (counts > 0)
-    rows = jnp.broadcast_to(jnp.arange(num_rows)[:, None], ids.shape)
-    return logits.at[rows, ids].set(vals, mode="drop")
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - batch.frequency_penalty[:, None] * counts
+    return logits - batch.presence_penalty[:, None] * (counts > 0)
 
 
 def _top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:

@@ -11,6 +11,13 @@ When a decode needs a page and none is free, the last running sequence in the po
 order (the newest, or the lowest priority) is preempted by recompute: its pages are
 freed and it waits again with every token it had.
 
+The engine samples on device and may run several decode steps per call, ahead of the
+host: a decode chunk covers `lookahead` steps (pages reserved for all of them, capped by
+the sequence's `max_num_tokens`), and `scheduled` marks the tokens computed when the call
+is dispatched, not when its results come back. A sequence with in-flight tokens cannot be
+preempted (its tokens are not known yet): with `can_preempt=False` the output says
+`needs_drain` instead, and the engine collects every call in flight and asks again.
+
 Policies: `fcfs` (arrival), `priority` (lower value first, then arrival) and `vtc`, the
 Virtual Token Counter of Sheng et al. (OSDI'24): each client has a counter charged
 `w_in` per prompt token at admission and `w_out` per generated token, both divided by
@@ -23,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable
 
 from tandem.paged_cache import BlockCopy, BlockManager
 from tandem.serve.sequence import Sequence, Status
@@ -63,12 +69,17 @@ class SchedulerConfig:
 class ScheduledChunk:
     seq: Sequence
     start: int  # first new token's position
-    num_tokens: int
+    num_tokens: int  # prompt tokens, or decode steps
+    is_decode: bool = False  # input tokens come from the device, one per step
     completes: bool = False  # the chunk reaches the last token: its logits get sampled
 
     def __post_init__(self):
-        self.completes = self.start + self.num_tokens == self.seq.num_tokens
-        self.token_ids = self.seq.token_ids[self.start : self.start + self.num_tokens]
+        if self.is_decode:
+            self.completes = True
+            self.token_ids: list[int] = []
+        else:
+            self.completes = self.start + self.num_tokens == self.seq.num_tokens
+            self.token_ids = self.seq.token_ids[self.start : self.start + self.num_tokens]
 
 
 @dataclasses.dataclass
@@ -76,10 +87,16 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk]
     copies: list[BlockCopy]  # copy-on-write to run on device before the step
     preempted: list[Sequence]
+    needs_drain: bool = False  # a preemption waits for the calls in flight
 
     @property
     def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
+        """Tokens of one step: a decode chunk counts one whatever its lookahead."""
+        return sum(1 if c.is_decode else c.num_tokens for c in self.chunks)
+
+    @property
+    def has_prefill(self) -> bool:
+        return any(not c.is_decode for c in self.chunks)
 
 
 class Scheduler:
@@ -115,7 +132,10 @@ class Scheduler:
         child.status = Status.RUNNING
         child.num_computed_tokens = parent.num_computed_tokens
         self.running.append(child)
-        self._charge(child.client, len(child.output_token_ids), "generated_tokens")
+
+    @property
+    def num_free_seqs(self) -> int:
+        return self.config.max_num_seqs - len(self.running)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Ends a sequence (stop, length, abort) and returns its pages."""
@@ -134,35 +154,44 @@ class Scheduler:
 
     # The step.
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, lookahead: int = 1, can_preempt: bool = True) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         copies: list[BlockCopy] = []
         preempted: list[Sequence] = []
         self.running.sort(key=self._order)
 
-        # 1. Decodes: the token sampled last step needs a slot (maybe a page).
+        # 1. Decodes: the token sampled last (maybe still on device) needs a slot, and each
+        # lookahead step one more; a sequence whose last tokens are all in flight waits.
         for seq in [s for s in self.running if s.is_decoding]:
             if budget == 0:
                 break
             if seq.status != Status.RUNNING:
                 continue  # preempted below for an earlier sequence's page
-            while not self.blocks.can_append(seq.seq_id):
+            steps = min(lookahead, seq.max_num_tokens - seq.num_tokens)
+            if steps <= 0:
+                continue
+            start = seq.num_computed_tokens
+            while not self.blocks.can_reserve(seq.seq_id, start, start + steps):
                 victim = self.running[-1]
+                if not can_preempt or victim.num_inflight_tokens:
+                    return SchedulerOutput(chunks, copies, preempted, needs_drain=True)
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is seq:
                     break
             if seq.status != Status.RUNNING:
                 continue
-            copies += self.blocks.append(seq.seq_id, seq.token_ids[-1])
-            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, 1))
+            copies += self.blocks.reserve(seq.seq_id, start, start + steps)
+            chunks.append(ScheduledChunk(seq, start, steps, is_decode=True))
             budget -= 1
 
         # 2. Running prefills continue (their prompt pages were taken at admission).
         for seq in [s for s in self.running if not s.is_decoding]:
             if budget == 0:
                 break
+            if seq.num_pending_tokens == 0:
+                continue  # its last prompt chunk is in flight
             n = min(seq.num_pending_tokens, budget)
             chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
             budget -= n
@@ -188,27 +217,38 @@ class Scheduler:
             n = min(seq.num_pending_tokens, budget)
             chunks.append(ScheduledChunk(seq, num_cached, n))
             budget -= n
+        if any(not c.is_decode for c in chunks):
+            # A step with prompt work runs once: its decodes take one token (the pages
+            # reserved for the lookahead stay theirs for the next calls).
+            for c in chunks:
+                if c.is_decode:
+                    c.num_tokens = 1
         return SchedulerOutput(chunks, copies, preempted)
 
-    def update(
-        self, output: SchedulerOutput, sampled: Callable[[ScheduledChunk], int]
-    ) -> list[Sequence]:
-        """Marks the chunks computed; each completing chunk gets its sampled token.
-
-        Returns the sequences that received a token (the engine checks them for stops).
-        """
-        grew = []
+    def scheduled(self, output: SchedulerOutput) -> None:
+        """The step was dispatched: its tokens count as computed (the device runs calls in
+        order, so every later call sees their K/V), and each completing chunk has tokens
+        in flight, one per step."""
         for chunk in output.chunks:
             seq = chunk.seq
-            if seq.status != Status.RUNNING:
-                continue  # aborted while the step ran
             seq.num_computed_tokens = chunk.start + chunk.num_tokens
-            self.blocks.commit(seq.seq_id, seq.num_computed_tokens)
+            if not chunk.is_decode:
+                self.blocks.commit(seq.seq_id, seq.num_computed_tokens)
             if chunk.completes:
-                seq.output_token_ids.append(int(sampled(chunk)))
-                self._charge(seq.client, 1, "generated_tokens")
-                grew.append(seq)
-        return grew
+                seq.num_inflight_tokens += chunk.num_tokens if chunk.is_decode else 1
+
+    def tokens_arrived(self, seq: Sequence, token_ids: list[int], num_scheduled: int) -> None:
+        """A call's results for one sequence: `num_scheduled` tokens were in flight, and
+        the engine appended `token_ids` of them to its output (fewer when it stopped)."""
+        seq.num_inflight_tokens -= num_scheduled
+        if not token_ids:
+            return
+        if seq.seq_id in self.blocks:
+            self.blocks.record_tokens(seq.seq_id, token_ids)
+            # The newest token's K/V are computed by the next step, not this one.
+            computed = min(seq.num_computed_tokens, seq.num_known_tokens - 1)
+            self.blocks.commit(seq.seq_id, computed)
+        self._charge(seq.client, len(token_ids), "generated_tokens")
 
     # Policy.
 

@@ -1,4 +1,4 @@
-"""A sequence's host-side state as the scheduler and engine see it."""
+"""A sequence's host-side state as the scheduler and engine see it, and its request."""
 
 from __future__ import annotations
 
@@ -6,11 +6,29 @@ import dataclasses
 import enum
 from typing import Any
 
+from tandem.serve.output import TokenLogprob
+from tandem.serve.sampling_params import SamplingParams
+from tandem.serve.stops import StopChecker
+
 
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """What a client asked for: one prompt, `params.n` sequences sampled from it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence] = dataclasses.field(default_factory=list)
+    stream: bool = True  # emit an output every step (else only when finished)
+    num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    error: str | None = None  # set when this request alone failed
 
 
 @dataclasses.dataclass(eq=False)
@@ -21,6 +39,10 @@ class Sequence:
     count equals `num_tokens` is decoding; below it, it is still prefilling in chunks.
     Preemption frees the pages and zeroes the count; nothing else is lost, and the
     tokens so far are recomputed as one longer prompt when the sequence is readmitted.
+
+    The engine samples on device, a call or several steps ahead of the host:
+    `num_inflight_tokens` counts tokens sampled there and not yet seen here. They count in
+    `num_tokens` (so the scheduler plans with them) but not in `output_token_ids`.
     """
 
     seq_id: Any
@@ -33,17 +55,36 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prefix-cache hit of the first admission
     num_preemptions: int = 0
+    max_num_tokens: int = 2**62  # prompt + completion cap: no decode step is planned past it
     status: Status = Status.WAITING
     finish_reason: str | None = None
-    data: Any = None  # the engine's per-sequence payload; the scheduler never reads it
+    num_inflight_tokens: int = 0
+    # The engine's: the request, which of its n completions this is, the device slot,
+    # detokenization and stop strings, logprobs so far. The scheduler reads none of them.
+    request: Request | None = None
+    index: int = 0
+    slot: int | None = None
+    num_pages_sent: int = 0  # block-table entries the device has for the slot
+    num_ids_emitted: int = 0  # output ids already returned in an output
+    stops: StopChecker | None = None
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def token_ids(self) -> list[int]:
+        """The tokens known on the host (in-flight ones not yet)."""
         return self.prompt_token_ids + self.output_token_ids
 
     @property
     def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_inflight_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.output_token_ids) + self.num_inflight_tokens
 
     @property
     def num_pending_tokens(self) -> int:
@@ -52,4 +93,4 @@ class Sequence:
 
     @property
     def is_decoding(self) -> bool:
-        return bool(self.output_token_ids) and self.num_pending_tokens == 1
+        return self.num_generated > 0 and self.num_pending_tokens == 1

@@ -36,42 +36,27 @@ def tiny_model_config():
 
 
 @pytest.fixture(scope="module")
-def arithmetic(tmp_path_factory):
-    """An SFT'd tiny model (its HF directory), the task file and held-out problems."""
-    from tandem.align.sft import train_sft
-
-    gin.clear_config()
-    parse(["models/tiny.gin"], MODEL_BINDINGS)
-    d = tmp_path_factory.mktemp("arith")
-    train_file = write_jsonl(d / "arith.jsonl", synthetic_arithmetic(2000, seed=0))
-    train_sft(
-        TrainConfig(
-            run_dir=str(d / "sft"),
-            train_file=train_file,
-            num_steps=100,
-            batch_size=32,
-            max_length=16,
-            learning_rate=3e-3,
-            warmup_steps=10,
-            progress=False,
-        ),
-        SFTConfig(),
-    )
+def arithmetic(quickstart_run):
+    """An SFT'd tiny model (its HF directory), the task file, held-out problems and the
+    model's reward on them. The SFT run, and the GRPO run from it, are the README
+    quickstart's (tests/conftest.py runs it once for tests/cli too): SFT 100 steps of 32
+    on 2000 problems, GRPO 30 steps of 128 completions in groups of 8 (align/quickstart.py)."""
+    run_dir, _ = quickstart_run
     held_out = synthetic_arithmetic(128, seed=1)
-    model_dir = str(d / "sft" / "hf")
+    model_dir = str(run_dir / "sft" / "hf")
     _, reward = evaluate(model_dir, held_out, num_samples=8)
     return {
-        "dir": d,
+        "dir": run_dir,
         "model": model_dir,
-        "train_file": train_file,
+        "train_file": str(run_dir / "arithmetic.jsonl"),
         "held_out": held_out,
         "reward": reward,
     }
 
 
-def rl_config(arithmetic, name, **kw) -> TrainConfig:
+def rl_config(arithmetic, run_dir, **kw) -> TrainConfig:
     base = dict(
-        run_dir=str(arithmetic["dir"] / name),
+        run_dir=str(run_dir),
         model=arithmetic["model"],
         train_file=arithmetic["train_file"],
         max_length=16,
@@ -82,27 +67,17 @@ def rl_config(arithmetic, name, **kw) -> TrainConfig:
 
 
 def test_grpo_raises_the_reward_of_an_sfted_model(arithmetic):
-    from tandem.align.grpo import train_grpo
-
-    cfg = rl_config(arithmetic, "grpo", num_steps=30, batch_size=128)
-    train_grpo(
-        cfg,
-        GRPOConfig(
-            group_size=8,
-            max_prompt_length=8,
-            max_completion_length=4,
-            reward_funcs=("exact_match",),
-        ),
+    _, reward = evaluate(
+        str(arithmetic["dir"] / "grpo" / "hf"), arithmetic["held_out"], num_samples=8
     )
-    _, reward = evaluate(f"{cfg.run_dir}/hf", arithmetic["held_out"], num_samples=8)
     print(f"GRPO: held-out mean reward {arithmetic['reward']:.3f} -> {reward:.3f}")
     assert reward > arithmetic["reward"] + 0.05
 
 
-def test_ppo_raises_the_reward_of_an_sfted_model(arithmetic):
+def test_ppo_raises_the_reward_of_an_sfted_model(arithmetic, tmp_path):
     from tandem.align.ppo import train_ppo
 
-    cfg = rl_config(arithmetic, "ppo", num_steps=30, batch_size=64)
+    cfg = rl_config(arithmetic, tmp_path / "ppo", num_steps=30, batch_size=64)
     train_ppo(
         cfg,
         PPOConfig(

@@ -182,20 +182,15 @@ def test_serve_tensor_parallel_answers_a_request():
     assert "(tensor parallel over 2 devices)" in server.output
 
 
-def test_quickstart_trains_saves_and_serves(tmp_path):
+def test_quickstart_trains_saves_and_serves(quickstart_run):
     """The README's main command (shortened by --fast): SFT, GRPO with the reward printed
-    before and after, an HF checkpoint on disk, and one request answered over HTTP."""
-    out = subprocess.run(
-        tandem_cmd() + ["quickstart", "--fast", "--run_dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.splitlines()
+    before and after, an HF checkpoint on disk, and one request answered over HTTP. The run
+    is the session's (tests/conftest.py); test_learning.py checks that its GRPO learned."""
+    run_dir, stdout = quickstart_run
+    lines = stdout.splitlines()
     for stage in ("[1/4] task:", "[2/4] SFT", "[3/4] GRPO", "[4/4] served"):
-        assert any(line.startswith(stage) for line in lines), out.stdout
-    assert "mean reward" in out.stdout and "(was " in out.stdout
-    hf = tmp_path / "grpo" / "hf"
+        assert any(line.startswith(stage) for line in lines), stdout
+    assert "mean reward" in stdout and "(was " in stdout
+    hf = run_dir / "grpo" / "hf"
     assert (hf / "config.json").exists() and (hf / "model.safetensors").exists()
-    assert (tmp_path / "grpo" / "metrics.jsonl").exists()
+    assert (run_dir / "grpo" / "metrics.jsonl").exists()

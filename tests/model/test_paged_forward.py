@@ -5,11 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from paged_harness import SeqChunk, build_batch, greedy_generate
 
 from tandem.model import ModelConfig, Transformer
 from tandem.model.kv_cache import write_kv
-from tandem.serve.batch import SeqChunk, build_batch
-from tandem.serve.paged_runner import greedy_generate
 
 BASE = dict(
     vocab_size=96,

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from paged_harness import greedy_generate
 
 from tandem.model import ModelConfig, Transformer
 from tandem.model.sharding import (
@@ -19,7 +20,6 @@ from tandem.model.sharding import (
     make_mesh,
     shard_model,
 )
-from tandem.serve.paged_runner import greedy_generate
 
 CFG = ModelConfig(
     vocab_size=128,

@@ -12,6 +12,7 @@ GPU lowering on a CPU-only machine).
 """
 
 import dataclasses
+import functools
 import importlib
 import math
 
@@ -86,7 +87,7 @@ def token_owners(inputs):
 
 def tile_rows(tiles):
     fields = (tiles.seq, tiles.t0, tiles.num, tiles.pos0, tiles.kv_lo, tiles.kv_hi)
-    return np.stack([np.asarray(f) for f in fields], axis=1).tolist()
+    return np.stack([np.asarray(f) for f in fields], axis=-1).tolist()  # [..., slot, field]
 
 
 @pytest.mark.parametrize("group", [1, 4, 7])
@@ -94,14 +95,11 @@ def tile_rows(tiles):
 def test_tiles_cover_every_token_once(kind, group):
     inputs = batch(kind, page_size=16, group=group, head_dim=64, dtype=jnp.float32)
     tq = tokens_per_tile(group)
-    tiles = tile_metadata(
-        inputs.kv_lens,
-        inputs.cu_q_lens,
-        inputs.num_seqs,
-        num_tokens=inputs.q.shape[0],
-        tokens_per_tile=tq,
-        sliding_window=5,
+    # Jitted: one compilation costs less than running (and compiling) it op by op.
+    find_tiles = functools.partial(
+        tile_metadata, num_tokens=inputs.q.shape[0], tokens_per_tile=tq, sliding_window=5
     )
+    tiles = jax.jit(find_tiles)(inputs.kv_lens, inputs.cu_q_lens, inputs.num_seqs)
     max_num_seqs, num_tokens = inputs.kv_lens.shape[0], inputs.q.shape[0]
     assert tiles.t0.shape == (max_num_seqs + 1 + num_tokens // tq,)
     owner, pos = token_owners(inputs)
@@ -119,6 +117,27 @@ def test_tiles_cover_every_token_once(kind, group):
     assert (seen == 1).all()
 
 
+def tiles_of_cases(cases, *, max_num_seqs, num_tokens, tokens_per_tile, guess):
+    """tile_metadata of same-shaped cases (lists of q_lens and kv_lens) in one jitted, vmapped
+    call: one compilation per shape instead of one per case."""
+    cu = np.zeros((len(cases), max_num_seqs + 1), np.int32)
+    kv = np.zeros((len(cases), max_num_seqs), np.int32)
+    for i, (q_lens, kv_lens) in enumerate(cases):
+        cu[i, 1 : len(q_lens) + 1] = np.cumsum(q_lens)
+        cu[i, len(q_lens) + 1 :] = cu[i, len(q_lens)]
+        kv[i, : len(q_lens)] = kv_lens
+    num_live = np.array([[len(q_lens)] for q_lens, _ in cases], np.int32)
+    fn = functools.partial(
+        tile_metadata,
+        num_tokens=num_tokens,
+        tokens_per_tile=tokens_per_tile,
+        sliding_window=None,
+        guess=guess,
+    )
+    tiles = jax.jit(jax.vmap(fn))(jnp.asarray(kv), jnp.asarray(cu), jnp.asarray(num_live))
+    return tile_rows(tiles)  # per case, per slot
+
+
 @pytest.mark.parametrize("group", [1, 4, 7])
 def test_the_decode_guess_finds_the_same_tiles_as_the_search(group):
     """find_tile guesses each slot's owner as if every sequence had one token and falls
@@ -126,24 +145,33 @@ def test_the_decode_guess_finds_the_same_tiles_as_the_search(group):
     (full and partly empty), on ragged batches, and on padding tokens past the last."""
     tq = tokens_per_tile(group)
     rs = np.random.RandomState(group)
-    cases = [
+
+    def with_kv_lens(q_lens):  # each sequence has 0..499 tokens before its new ones
+        return q_lens, (np.asarray(q_lens, int) + rs.randint(0, 500, len(q_lens))).tolist()
+
+    # (q_lens, max_num_seqs, num_tokens)
+    decodes = [
         ([1] * 9, 9, 9),  # all decodes
         ([1] * 5, 9, 7),  # decodes, 4 empty sequence slots and 2 padding tokens
         ([1] * 3 + [0] * 2 + [1] * 2, 7, 7),  # sequences of no tokens among decodes
     ]
-    for _ in range(20):
-        q_lens = rs.randint(0, 3 * tq, size=rs.randint(1, 8)).tolist()
-        cases.append((q_lens, len(q_lens) + rs.randint(0, 3), sum(q_lens) + rs.randint(0, 5)))
-    for q_lens, max_num_seqs, num_tokens in cases:
-        cu = np.zeros(max_num_seqs + 1, np.int32)
-        cu[1 : len(q_lens) + 1] = np.cumsum(q_lens)
-        cu[len(q_lens) + 1 :] = cu[len(q_lens)]
-        kv_lens = np.zeros(max_num_seqs, np.int32)
-        kv_lens[: len(q_lens)] = np.asarray(q_lens) + rs.randint(0, 500, size=len(q_lens))
-        args = (jnp.asarray(kv_lens), jnp.asarray(cu), jnp.array([len(q_lens)], jnp.int32))
-        kw = dict(num_tokens=max(num_tokens, 1), tokens_per_tile=tq, sliding_window=None)
-        guessed = tile_rows(tile_metadata(*args, **kw, guess=True))
-        assert guessed == tile_rows(tile_metadata(*args, **kw, guess=False)), (q_lens, cu)
+    batches = [([with_kv_lens(q_lens)], s, t) for q_lens, s, t in decodes]
+    # Ragged: 1..9 live sequences of 9 slots share about one token each (the guess's case)
+    # or 3 tiles' worth, cut at random points (some sequences get none, some span tiles),
+    # then 0..4 padding tokens. Same-shaped cases run in one call.
+    for num_tokens in (13, 3 * tq + 4):
+        ragged = []
+        for _ in range(24):
+            used = num_tokens - rs.randint(0, 5)
+            cuts = np.sort(rs.randint(0, used + 1, size=rs.randint(0, 9)))
+            ragged.append(with_kv_lens(np.diff([0, *cuts, used]).tolist()))
+        batches.append((ragged, 9, num_tokens))
+    for cases, max_num_seqs, num_tokens in batches:
+        kw = dict(max_num_seqs=max_num_seqs, num_tokens=num_tokens, tokens_per_tile=tq)
+        guessed = tiles_of_cases(cases, **kw, guess=True)
+        searched = tiles_of_cases(cases, **kw, guess=False)
+        for (q_lens, _), g, s in zip(cases, guessed, searched):
+            assert g == s, (q_lens, max_num_seqs, num_tokens)
 
 
 def test_split_blocks_partition_the_key_range():

@@ -214,6 +214,20 @@ def test_n_with_seed(client):
     assert [streamed[i] for i in range(3)] == texts(a)
 
 
+def test_n_larger_than_the_batch_is_served_and_the_server_keeps_serving(client):
+    """n: 65 on an engine of 64 slots (a GRPO group size too): the members that do not
+    fit run in a later step; every completion comes back and the server goes on."""
+    big = client.completions.create(
+        model=MODEL, prompt="group", max_tokens=3, n=65, temperature=1.0, seed=3, **{
+            "extra_body": {"ignore_eos": True}
+        },
+    )  # fmt: skip
+    assert sorted(ch.index for ch in big.choices) == list(range(65))
+    assert big.usage.completion_tokens == 65 * 3
+    after = client.completions.create(model=MODEL, prompt="next", max_tokens=2, **GREEDY)
+    assert after.choices[0].finish_reason == "length"
+
+
 def test_completion_logprobs(client):
     r = client.completions.create(model=MODEL, prompt="Log", max_tokens=4, logprobs=3, **GREEDY)
     lp = r.choices[0].logprobs

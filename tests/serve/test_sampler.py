@@ -256,8 +256,8 @@ def test_one_compile_per_padded_batch_size_whatever_the_request_mix():
         for params, outputs in mixes:
             run(params, LOGITS, outputs=outputs, pad_to=pad_to, key=len(outputs))
     assert sample._cache_size() == before + 2
-    # Penalties switch the penalty columns on (one bucket for up to 16 distinct tokens),
-    # whatever the histories' lengths.
+    # Penalties switch the dense penalty columns on (width V), whatever the histories'
+    # lengths.
     for outputs in ([[1]], [[1, 2, 3]], [list(range(V)) * 3]):
         run([SP(repetition_penalty=1.2)], LOGITS, outputs=outputs, pad_to=11)
     assert sample._cache_size() == before + 3
@@ -269,7 +269,7 @@ def test_build_pads_with_greedy_rows_and_checks_its_inputs():
     np.testing.assert_array_equal(batch.temperature, [1, 0, 0, 0])
     np.testing.assert_array_equal(batch.step, [2, 0, 0, 0])
     np.testing.assert_array_equal(batch.seed[0], [5, 2**8])
-    assert batch.penalty_token_ids.shape == (4, 0)  # no penalties: the step is skipped
+    assert batch.output_counts.shape == (4, 0)  # no penalties: the step is skipped
     with pytest.raises(ValueError, match="pad_to"):
         SamplingBatch.build([SP()] * 3, [[]] * 3, [[]] * 3, vocab_size=V, pad_to=2)
     with pytest.raises(ValueError, match="token ids"):

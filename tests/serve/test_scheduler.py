@@ -12,6 +12,20 @@ def fake_next(chunk):
     return sum(chunk.seq.token_ids) % 97
 
 
+def update(sched, out, sampled):
+    """Dispatches `out` and lands each completing chunk's token, as the engine does with
+    one step per call (no lookahead): returns the sequences that got a token."""
+    sched.scheduled(out)
+    grew = []
+    for chunk in out.chunks:
+        if chunk.completes and chunk.seq.status == Status.RUNNING:
+            token = sampled(chunk)
+            chunk.seq.output_token_ids.append(token)
+            sched.tokens_arrived(chunk.seq, [token], 1)
+            grew.append(chunk.seq)
+    return grew
+
+
 def run(sched, max_tokens, steps=10_000, on_step=None):
     """Drives the scheduler to completion; returns the step outputs."""
     outputs = []
@@ -21,7 +35,7 @@ def run(sched, max_tokens, steps=10_000, on_step=None):
         out = sched.schedule()
         assert out.num_tokens <= sched.config.max_num_batched_tokens
         outputs.append(out)
-        for seq in sched.update(out, fake_next):
+        for seq in update(sched, out, fake_next):
             if len(seq.output_token_ids) >= max_tokens[seq.seq_id]:
                 sched.finish(seq, "length")
         if on_step:
@@ -58,7 +72,7 @@ def test_chunked_prefill_splits_a_long_prompt_by_the_budget():
 def test_running_decodes_go_first_and_are_never_stalled_by_a_long_prompt():
     sched = make(budget=8)
     sched.add(Sequence("short", [1, 2]))
-    sched.update(sched.schedule(), fake_next)  # prefilled and sampled: now decoding
+    update(sched, sched.schedule(), fake_next)  # prefilled and sampled: now decoding
     sched.add(Sequence("long", list(range(40))))
     out = sched.schedule()
     # the decode takes 1 token, the long prompt the other 7
@@ -156,7 +170,7 @@ def test_vtc_bounds_service_difference_between_backlogged_clients(policy):
     diffs = []
     for _ in range(300):
         out = sched.schedule()
-        for seq in sched.update(out, fake_next):
+        for seq in update(sched, out, fake_next):
             if len(seq.output_token_ids) >= max_tokens:
                 sched.finish(seq, "length")
         top_up(sched)

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from paged_harness import PagedRunner
 
 from tandem.model import ModelConfig, Transformer
-from tandem.serve.paged_runner import PagedRunner
 
 CFG = ModelConfig(
     vocab_size=64,
@@ -91,7 +91,7 @@ def test_prompt_longer_than_max_seq_len_is_refused(model):
 
 def test_one_step_prefills_several_prompts_and_decodes_together(model):
     """A mixed batch: two prompts' chunks and a running decode in one model step."""
-    from tandem.serve.batch import SeqChunk
+    from paged_harness import SeqChunk
 
     runner = PagedRunner(model, num_pages=32, page_size=PAGE, max_seq_len=32)
     rs = np.random.RandomState(2)

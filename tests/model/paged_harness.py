@@ -1,26 +1,99 @@
-"""A model over a paged KV cache, driven sequence by sequence.
+"""A reference harness for the paged serving forward, driven sequence by sequence.
 
-`PagedRunner` owns the three things a serving step needs — the jitted model step, the
-device pages, and the host `BlockManager` that hands them out — and exposes the moves
-of generation: `prefill` a prompt (reusing cached prefix blocks), `fork` a sequence,
-`decode` one token for many sequences, `free`. It is the harness under `greedy_generate`
-and the cache tests; the continuous-batching engine schedules the same moves.
+Tests only: `model.forward_paged` over host-built metadata (`build_batch`), prefill in
+chunks, decode one token at a time, with the `BlockManager` handing out pages. The
+engine (serve/) is the production path; this harness checks the model's paged forward
+against its training forward without the engine's scheduling in between.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from tandem.model.attention_metadata import AttentionMetadata
 from tandem.model.kv_cache import KV_AXES, copy_blocks, init_kv_cache
-from tandem.model.sharding import named_sharding
+from tandem.model.sharding import mesh_context, named_sharding
 from tandem.model.transformer import Transformer
 from tandem.paged_cache import BlockManager
-from tandem.serve.batch import SeqChunk, build_batch
-from tandem.serve.model_step import make_model_step
+
+
+def make_model_step(model: Transformer, mesh=None):
+    """(step, params): `step(params, kv_caches, tokens, md)` -> (kv_caches, f32[T, V])."""
+    graphdef, params = nnx.split(model)
+
+    @functools.partial(jax.jit, donate_argnums=(1,))
+    def jitted(params, kv_caches, tokens, md):
+        module = nnx.merge(graphdef, params)
+        logits, kv_caches = module.forward_paged(tokens, kv_caches, md)
+        return kv_caches, logits
+
+    def step(params, kv_caches, tokens, md):
+        with mesh_context(mesh):
+            return jitted(params, kv_caches, tokens, md)
+
+    return step, params
+
+
+@dataclasses.dataclass(frozen=True)
+class SeqChunk:
+    """One sequence's share of a step: `token_ids` are new, starting at `start_pos`."""
+
+    token_ids: list[int]
+    start_pos: int  # tokens of this sequence already in the cache
+    block_table: list[int]  # physical pages, enough for start_pos + len(token_ids)
+
+
+def build_batch(
+    chunks: list[SeqChunk], page_size: int, *, num_tokens: int, num_seqs: int, pages_per_seq: int
+) -> tuple[np.ndarray, AttentionMetadata]:
+    """Packs chunks into padded arrays: (tokens i32[T], metadata over T and S)."""
+    total = sum(len(c.token_ids) for c in chunks)
+    if total > num_tokens or len(chunks) > num_seqs:
+        raise ValueError(
+            f"batch of {total} tokens / {len(chunks)} seqs exceeds the bucket "
+            f"({num_tokens} tokens, {num_seqs} seqs)"
+        )
+    tokens = np.zeros(num_tokens, np.int32)
+    positions = np.zeros(num_tokens, np.int32)
+    slot_mapping = np.full(num_tokens, -1, np.int32)
+    kv_lens = np.zeros(num_seqs, np.int32)
+    page_indices = np.zeros((num_seqs, pages_per_seq), np.int32)
+    cu_q_lens = np.zeros(num_seqs + 1, np.int32)
+    t = 0
+    for s, c in enumerate(chunks):
+        n = len(c.token_ids)
+        end = c.start_pos + n
+        if len(c.block_table) * page_size < end or len(c.block_table) > pages_per_seq:
+            raise ValueError(
+                f"sequence {s}: block table of {len(c.block_table)} pages cannot "
+                f"hold {end} tokens within {pages_per_seq} pages of {page_size}"
+            )
+        pos = np.arange(c.start_pos, end)
+        table = np.asarray(c.block_table, np.int32)
+        tokens[t : t + n] = c.token_ids
+        positions[t : t + n] = pos
+        slot_mapping[t : t + n] = table[pos // page_size] * page_size + pos % page_size
+        kv_lens[s] = end
+        page_indices[s, : len(table)] = table
+        t += n
+        cu_q_lens[s + 1] = t
+    cu_q_lens[len(chunks) + 1 :] = t
+    md = AttentionMetadata(
+        positions=positions,
+        slot_mapping=slot_mapping,
+        kv_lens=kv_lens,
+        page_indices=page_indices,
+        cu_q_lens=cu_q_lens,
+        num_seqs=np.array([len(chunks)], np.int32),
+    )
+    return tokens, md
 
 
 def bucket(n: int, minimum: int = 8) -> int:

@@ -1,0 +1,21 @@
+"""Shape buckets: a few padded sizes per axis, so jitted steps compile a few times."""
+
+from __future__ import annotations
+
+
+def power_of_two_buckets(limit: int, minimum: int) -> list[int]:
+    """Powers of two from `minimum` below `limit`, then `limit` itself (the last bucket:
+    nothing is padded past it)."""
+    out, b = [], minimum
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return out + [limit]
+
+
+def bucket_for(n: int, buckets: list[int]) -> int:
+    """The smallest bucket that holds `n`; ValueError when none does."""
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket, {buckets[-1]}")

@@ -1,0 +1,327 @@
+"""The one model runner: KV pages, the persistent device batch and the jitted calls.
+
+Every way of generating (`tandem serve`, `LLM.generate`, `tandem generate`, RL rollouts)
+goes through `Engine`, and the engine through this. The runner knows no sequences, only
+slots: the host says which slots take part and what changed, and the runner dispatches:
+
+- `mixed`: one step over prefill chunks (tokens from the host) and decodes (tokens from
+  their slots), sampling the rows that complete;
+- `decode`: up to `num_steps` decode steps of every active slot in one call (a
+  `while_loop` on device that samples, writes the tokens back and checks the stops,
+  leaving early once every slot has stopped).
+
+Both return a `StepResult` of device arrays whose copy to the host has started; the
+engine reads it a call later (`jax.device_get`), so the host plans the next call while
+the device runs this one. KV pages and the batch are donated: the largest buffers, never
+read again after the call that rewrites them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tandem.model.attention_metadata import AttentionMetadata
+from tandem.model.kv_cache import copy_blocks, init_kv_cache
+from tandem.model.sharding import mesh_context
+from tandem.model.transformer import Transformer
+from tandem.serve import device_batch as db
+from tandem.serve.buckets import power_of_two_buckets
+from tandem.serve.sampler import sample
+from tandem.serve.sampling_params import MAX_LOGPROBS
+
+# Entries of a block-table or penalty diff are padded to powers of two from here.
+MIN_ENTRIES = 64
+
+
+class StepResult(NamedTuple):
+    """R sampled rows per step, k steps (1 for `mixed`). Token -1: the row produced
+    nothing (a padding row, a stopped slot, or a step after every slot stopped)."""
+
+    tokens: jax.Array  # i32[k, R]
+    logprobs: jax.Array  # f32[k, R]
+    top_ids: jax.Array  # i32[k, R, K]
+    top_logprobs: jax.Array  # f32[k, R, K]
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedInputs:
+    """A mixed step's layout on the host: T padded tokens, S sequence rows (S = slots)."""
+
+    token_ids: np.ndarray  # i32[T] prefill tokens (decode rows: read from their slot)
+    token_slots: np.ndarray  # i32[T] slot of each token's sequence; S pads
+    positions: np.ndarray  # i32[T]
+    is_decode: np.ndarray  # i32[T] 1: the input is the slot's last sampled token
+    cu_q_lens: np.ndarray  # i32[S + 1]
+    kv_lens: np.ndarray  # i32[S]
+    seq_slots: np.ndarray  # i32[S] the slot of each scheduled sequence (its block table)
+    num_seqs: np.ndarray  # i32[1]
+    sample_rows: np.ndarray  # i32[S] which token's logits each sampled row reads
+    sample_slots: np.ndarray  # i32[S] the slot that takes the token; S pads
+    sample_positions: np.ndarray  # i32[S] where the sampled token sits
+    sample_is_decode: np.ndarray  # i32[S] 1: counts only while the slot is active
+
+    def pack(self) -> np.ndarray:
+        """One i32 vector: one transfer instead of twelve. Each field starts at a multiple
+        of 256 bytes: XLA may hand a slice to a kernel as a view, and the Mosaic GPU
+        kernel takes only aligned buffers."""
+        parts = []
+        for f in dataclasses.fields(self):
+            x = getattr(self, f.name)
+            parts += [x, np.zeros(_aligned(x.size) - x.size, np.int32)]
+        return np.concatenate(parts)
+
+    @classmethod
+    def unpack(cls, flat: jax.Array, num_tokens: int, num_slots: int) -> MixedInputs:
+        sizes = [num_tokens] * 4 + [num_slots + 1, num_slots, num_slots, 1] + [num_slots] * 4
+        parts, start = [], 0
+        for n in sizes:
+            parts.append(flat[start : start + n])
+            start += _aligned(n)
+        return cls(*parts)
+
+
+def _aligned(n: int) -> int:
+    """n int32s rounded up to whole 256-byte blocks."""
+    return -(-n // 64) * 64
+
+
+def mixed_inputs(num_tokens: int, num_slots: int) -> dict[str, np.ndarray]:
+    """Padding for every field of a T-token step (filled in place by the engine)."""
+    s = num_slots
+    return dict(
+        token_ids=np.zeros(num_tokens, np.int32),
+        token_slots=np.full(num_tokens, s, np.int32),
+        positions=np.zeros(num_tokens, np.int32),
+        is_decode=np.zeros(num_tokens, np.int32),
+        cu_q_lens=np.zeros(s + 1, np.int32),
+        kv_lens=np.zeros(s, np.int32),
+        seq_slots=np.zeros(s, np.int32),
+        num_seqs=np.zeros(1, np.int32),
+        sample_rows=np.zeros(s, np.int32),
+        sample_slots=np.full(s, s, np.int32),
+        sample_positions=np.zeros(s, np.int32),
+        sample_is_decode=np.zeros(s, np.int32),
+    )
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: Transformer,
+        *,
+        num_pages: int,
+        page_size: int,
+        max_num_seqs: int,
+        pages_per_seq: int,
+        max_num_batched_tokens: int,
+        max_decode_steps: int,
+        kv_dtype,
+        kv_sharding=None,
+        mesh=None,
+        seed: int = 0,
+    ):
+        cfg = model.config
+        self.page_size = page_size
+        self.num_slots = max_num_seqs
+        self.max_decode_steps = max_decode_steps
+        self.num_top = min(MAX_LOGPROBS, cfg.vocab_size)
+        self.mesh = mesh
+        self.token_buckets = power_of_two_buckets(max_num_batched_tokens, 16)
+        self.slot_buckets = power_of_two_buckets(max_num_seqs, 8)
+        self.step_buckets = power_of_two_buckets(max_decode_steps, 1)
+        self.graphdef, self.params = nnx.split(model)
+        if mesh is not None:
+            # Replicated, spelled as jit hands it back, so each call reuses its compilation.
+            place = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        else:
+            # Committed to the weights' device, as the outputs of a call come back: an
+            # uncommitted first input would compile the same step a second time.
+            place = jax.sharding.SingleDeviceSharding(
+                next(iter(jax.tree.leaves(self.params)[0].devices()))
+            )
+        self.kv = init_kv_cache(cfg, num_pages, page_size, kv_dtype, kv_sharding or place)
+        batch = db.init_device_batch(max_num_seqs, pages_per_seq, cfg.vocab_size)
+        self.batch = jax.device_put(batch, place)
+        self._key = jax.random.key(seed)
+        self._set_slots = jax.jit(db.set_slots, donate_argnums=(0,))
+        self._write_pages = jax.jit(db.write_pages, donate_argnums=(0,))
+        self._add_penalty_tokens = jax.jit(db.add_penalty_tokens, donate_argnums=(0,))
+        self._copy_blocks = jax.jit(copy_blocks, donate_argnums=(0,))
+
+    # Diffs to the persistent state (applied in call order on device).
+
+    def set_slots(self, rows: db.SlotRows) -> None:
+        with mesh_context(self.mesh):
+            self.batch = self._set_slots(self.batch, rows)
+
+    def write_pages(self, entries: list[tuple[int, int, int]]) -> None:
+        """(slot, column, page) block-table entries."""
+        with mesh_context(self.mesh):
+            self.batch = self._write_pages(self.batch, self._entries(entries))
+
+    def add_penalty_tokens(self, entries: list[tuple[int, int, int]]) -> None:
+        """(slot, token, is_output) entries of penalised sequences joining."""
+        with mesh_context(self.mesh):
+            self.batch = self._add_penalty_tokens(self.batch, self._entries(entries))
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        with mesh_context(self.mesh):
+            self.kv = self._copy_blocks(self.kv, jnp.asarray(np.array(copies, np.int32)))
+
+    # Steps.
+
+    def decode(self, num_steps: int, num_slots: int, num_top: int) -> StepResult:
+        """`num_steps` (a step bucket) decode steps of the first `num_slots` slots (a slot
+        bucket). A slot stops on device at its stop ids and length cap and produces
+        nothing after; the caller plans no slot past its cap."""
+        with mesh_context(self.mesh):
+            self.kv, self.batch, result = _decode_jit(
+                self.params, self.kv, self.batch, self._next_key(), graphdef=self.graphdef,
+                page_size=self.page_size, num_steps=num_steps, num_slots=num_slots,
+                num_top=num_top,
+            )  # fmt: skip
+        return _start_copy(result)
+
+    def mixed(
+        self, inputs: MixedInputs, num_top: int, want_logits: bool
+    ) -> tuple[StepResult, jax.Array | None]:
+        """One step; with `want_logits` also f32[T, V], the logits of every token."""
+        num_tokens = inputs.token_ids.shape[0]
+        with mesh_context(self.mesh):
+            self.kv, self.batch, result, logits = _mixed_jit(
+                self.params, self.kv, self.batch, self._next_key(), inputs.pack(),
+                graphdef=self.graphdef, page_size=self.page_size, num_tokens=num_tokens,
+                num_top=num_top, want_logits=want_logits,
+            )  # fmt: skip
+        return _start_copy(result), logits
+
+    def warm_up(self, *, logprobs: bool = True, prompt_logprobs: bool = True) -> float:
+        """Compiles every bucket of both steps (and the diffs) on padding, which changes no
+        state; returns the seconds it took."""
+        start = time.perf_counter()
+        tops = (0, self.num_top) if logprobs else (0,)
+        for num_tokens in self.token_buckets:
+            inputs = MixedInputs(**mixed_inputs(num_tokens, self.num_slots))
+            for num_top in tops:
+                for want in (False, True) if prompt_logprobs else (False,):
+                    self.mixed(inputs, num_top, want)
+        for num_slots in self.slot_buckets:
+            for num_steps in self.step_buckets:
+                for num_top in tops:
+                    self.decode(num_steps, num_slots, num_top)
+        self.write_pages([])
+        self.copy_blocks([(0, 0)])
+        jax.block_until_ready((self.kv, self.batch))
+        return time.perf_counter() - start
+
+    @property
+    def num_compiles(self) -> int:
+        """Step compilations in this process (shared by runners of one architecture)."""
+        return _decode_jit._cache_size() + _mixed_jit._cache_size()
+
+    def _next_key(self) -> jax.Array:
+        self._key, key = jax.random.split(self._key)
+        return key
+
+    def _entries(self, entries) -> np.ndarray:
+        n = max(MIN_ENTRIES, 1 << (max(len(entries), 1) - 1).bit_length())
+        out = np.full((n, 3), [self.num_slots, 0, 0], np.int32)
+        if entries:
+            out[: len(entries)] = entries
+        return out
+
+
+def _start_copy(result: StepResult) -> StepResult:
+    for x in result:
+        x.copy_to_host_async()
+    return result
+
+
+def _decode(params, kv, batch, key, *, graphdef, page_size, num_steps, num_slots, num_top):
+    model = nnx.merge(graphdef, params)
+    slots = jnp.arange(num_slots, dtype=jnp.int32)
+    out = StepResult(
+        jnp.full((num_steps, num_slots), -1, jnp.int32),
+        jnp.zeros((num_steps, num_slots), jnp.float32),
+        jnp.zeros((num_steps, num_slots, num_top), jnp.int32),
+        jnp.zeros((num_steps, num_slots, num_top), jnp.float32),
+    )
+
+    def body(i, carry):
+        kv, batch, out = carry
+        active = batch.active[:num_slots]
+        tokens, md = db.decode_metadata(batch, num_slots, page_size)
+        x, kv = model.paged_features(tokens, kv, md)
+        logits = model.logits(x)  # [B, V]
+        res = sample(logits, db.rows_of(batch, slots, num_top), jax.random.fold_in(key, i))
+        batch, _ = db.advance(batch, slots, res.tokens, md.positions + 1, active)
+        out = StepResult(
+            out.tokens.at[i].set(jnp.where(active, res.tokens, -1)),
+            out.logprobs.at[i].set(res.logprobs),
+            out.top_ids.at[i].set(res.top_ids),
+            out.top_logprobs.at[i].set(res.top_logprobs),
+        )
+        return kv, batch, out
+
+    # A counted loop: the trip count is static, so the GPU never waits on the host to
+    # read a loop predicate between steps (a while_loop on a device value would).
+    kv, batch, out = jax.lax.fori_loop(0, num_steps, body, (kv, batch, out))
+    return kv, batch, out
+
+
+def _mixed(params, kv, batch, key, packed, *, graphdef, page_size, num_tokens, num_top,
+           want_logits):  # fmt: skip
+    model = nnx.merge(graphdef, params)
+    num_slots = batch.active.shape[0]
+    inp = MixedInputs.unpack(packed, num_tokens, num_slots)
+    safe = jnp.minimum(inp.token_slots, num_slots - 1)
+    is_decode = inp.is_decode > 0
+    tokens = jnp.where(is_decode, batch.tokens[safe], inp.token_ids)
+    # A decode row of a slot the device already stopped writes nothing.
+    is_live = (inp.token_slots < num_slots) & (~is_decode | batch.active[safe])
+    pos = inp.positions
+    page = batch.block_table[safe, pos // page_size]
+    md = AttentionMetadata(
+        positions=pos,
+        slot_mapping=jnp.where(is_live, page * page_size + pos % page_size, -1),
+        kv_lens=inp.kv_lens,
+        page_indices=batch.block_table[inp.seq_slots],
+        cu_q_lens=inp.cu_q_lens,
+        num_seqs=inp.num_seqs,
+    )
+    x, kv = model.paged_features(tokens, kv, md)  # [T, D]
+    logits = model.logits(x[inp.sample_rows])  # [S, V]
+    row_slots = jnp.minimum(inp.sample_slots, num_slots - 1)
+    res = sample(logits, db.rows_of(batch, row_slots, num_top), key)
+    row_live = (inp.sample_slots < num_slots) & (
+        (inp.sample_is_decode == 0) | batch.active[row_slots]
+    )
+    batch, _ = db.advance(batch, inp.sample_slots, res.tokens, inp.sample_positions, row_live)
+    out = StepResult(
+        jnp.where(row_live, res.tokens, -1)[None],
+        res.logprobs[None],
+        res.top_ids[None],
+        res.top_logprobs[None],
+    )
+    return kv, batch, out, (model.logits(x) if want_logits else None)
+
+
+# Module-level, keyed on the model's graph: engines of the same architecture and shapes
+# (a server and a bench, RL runs, tests) share their compilations.
+_decode_jit = jax.jit(
+    _decode,
+    static_argnames=("graphdef", "page_size", "num_steps", "num_slots", "num_top"),
+    donate_argnums=(1, 2),
+)
+_mixed_jit = jax.jit(
+    _mixed,
+    static_argnames=("graphdef", "page_size", "num_tokens", "num_top", "want_logits"),
+    donate_argnums=(1, 2),
+)
