@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "--max-num-batched-tokens", type=int, default=512)
     add_flag(parser, "--max-num-seqs", type=int, default=64)
     add_flag(parser, "--page-size", type=int, default=16)
-    add_flag(parser, "--dtype", choices=["float32", "bfloat16"], default="float32")
+    add_flag(parser, "--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     add_flag(parser, "--seed", type=int, default=0)
     add_flag(
         parser,

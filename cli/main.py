@@ -81,6 +81,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from tandem.serve.openai_server import (
+        add_dtype_argument,
         add_serve_arguments,
         add_tensor_parallel_argument,
         run_server,
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--prompt", default="Hello, tandem!")
     gen.add_argument("--max_new_tokens", type=int, default=32)
-    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    add_dtype_argument(gen)
     gen.add_argument("--seed", type=int, default=0)
     add_tensor_parallel_argument(gen)
     gen.set_defaults(func=_generate)

@@ -95,6 +95,8 @@ def slot_rows(
     # The penalty state lives on device (cleared here, filled by add_penalty_tokens).
     sampling = dataclasses.replace(
         sampling,
+        num_top_logprobs=0,  # static fields fixed: one compilation of set_slots per bucket
+        is_full=True,
         step=_pad(num_generated, pad_to, 0),
         output_counts=np.zeros((pad_to, 0), np.int32),
         prompt_mask=np.zeros((pad_to, 0), np.bool_),
@@ -123,7 +125,7 @@ def set_slots(batch: DeviceBatch, rows: SlotRows) -> DeviceBatch:
     fields = {
         f.name: put(getattr(sampling, f.name), getattr(new_sampling, f.name))
         for f in dataclasses.fields(SamplingBatch)
-        if f.name not in ("output_counts", "prompt_mask", "num_top_logprobs")
+        if f.name not in ("output_counts", "prompt_mask", "num_top_logprobs", "is_full")
     }
     fields["output_counts"] = sampling.output_counts.at[s].set(0, mode="drop")
     fields["prompt_mask"] = sampling.prompt_mask.at[s].set(False, mode="drop")
@@ -162,10 +164,11 @@ def add_penalty_tokens(batch: DeviceBatch, entries: jax.Array) -> DeviceBatch:
     )
 
 
-def rows_of(batch: DeviceBatch, slots: jax.Array, num_top: int) -> SamplingBatch:
-    """The sampling rows of `slots` (i32[R], each < S), with K top logprobs."""
+def rows_of(batch: DeviceBatch, slots: jax.Array, num_top: int, is_full: bool) -> SamplingBatch:
+    """The sampling rows of `slots` (i32[R], each < S), with K top logprobs and the
+    full sampler (sort, penalties) when some row needs it."""
     rows = jax.tree.map(lambda x: x[slots], batch.sampling)
-    return dataclasses.replace(rows, num_top_logprobs=num_top)
+    return dataclasses.replace(rows, num_top_logprobs=num_top, is_full=is_full)
 
 
 def advance(

@@ -43,6 +43,7 @@ from tandem.serve.model_runner import ModelRunner
 from tandem.serve.output import RequestOutput, TokenLogprob
 from tandem.serve.prompt_logprobs import record_prompt_logprobs
 from tandem.serve.request_outputs import request_outputs
+from tandem.serve.sampler import needs_full_sampler
 from tandem.serve.sampling_params import SamplingParams
 from tandem.serve.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from tandem.serve.sequence import Request, Sequence, Status
@@ -248,9 +249,10 @@ class Engine:
                         on_finish(out)
         return done
 
-    def warm_up(self) -> float:
-        """Compiles every step shape now (seconds): none compiles while serving."""
-        return self.runner.warm_up()
+    def warm_up(self, *, full: bool = True, logprobs: bool = False) -> float:
+        """Compiles every step shape now (seconds): none compiles while serving requests
+        of the kinds warmed (`ModelRunner.warm_up`)."""
+        return self.runner.warm_up(full=full, logprobs=logprobs)
 
     def stats(self) -> dict:
         return {
@@ -293,13 +295,17 @@ class Engine:
                 num_tokens=bucket_for(plan.num_tokens, self.runner.token_buckets),
                 num_slots=self.config.max_num_seqs,
             )
-            num_top = self._num_top_of([seq for seq, _, _ in step.rows])
-            result, logits = self.runner.mixed(step.inputs, num_top, step.want_logits)
+            rows = [seq for seq, _, _ in step.rows]
+            result, logits = self.runner.mixed(
+                step.inputs, self._num_top_of(rows), step.want_logits, _is_full(rows)
+            )
             return _Call(result, step.rows, logits, step.prompt_chunks)
         num_slots = bucket_for(max(c.seq.slot for c in plan.chunks) + 1, self.runner.slot_buckets)
         # Rounded up to a step bucket: the device stops each slot at its own cap.
         num_steps = bucket_for(max(c.num_tokens for c in plan.chunks), self.runner.step_buckets)
-        result = self.runner.decode(num_steps, num_slots, self._num_top_of(members))
+        result = self.runner.decode(
+            num_steps, num_slots, self._num_top_of(members), _is_full(members)
+        )
         return _Call(result, [(c.seq, c.seq.slot, c.num_tokens) for c in plan.chunks])
 
     # Collect: a call's results -> tokens, stops, outputs.
@@ -427,6 +433,10 @@ class Engine:
 
     def _num_top_of(self, seqs) -> int:
         return self.runner.num_top if any(s.request.params.logprobs for s in seqs) else 0
+
+
+def _is_full(seqs: list[Sequence]) -> bool:
+    return any(needs_full_sampler(s.request.params) for s in seqs)
 
 
 def _check_same_tree(old, new) -> None:

@@ -40,8 +40,8 @@ class EngineSpec:
 
     model_source: str
     """An HF checkpoint directory or a gin preset (`load_for_serving`)."""
-    dtype: str = "float32"
-    """The weights' dtype."""
+    dtype: str = "auto"
+    """The weights' dtype (serve/startup.py `resolve_dtype`)."""
     seed: int = 0
     """Seeds a preset's random weights."""
     tensor_parallel_size: int = 1
@@ -52,12 +52,20 @@ class EngineSpec:
     """EngineConfig fields."""
     tensor_parallel_flag: str = "tensor_parallel_size"
     """How errors about the size name it (the CLI passes its flag)."""
+    warm_up: bool | None = None
+    """Compile every step shape before serving; None: on an accelerator only."""
+    compilation_cache_dir: str | None = None
+    """JAX's persistent compilation cache (serve/startup.py); the default when None."""
 
 
 def build_engine(spec: EngineSpec):
-    """The `Engine` that `spec` describes, built on this process's devices."""
+    """The `Engine` that `spec` describes, built on this process's devices (warmed up
+    as `spec.warm_up` says)."""
     from tandem.serve.engine import Engine, EngineConfig
     from tandem.serve.llm import load_for_serving, serving_config, tensor_parallel_mesh
+    from tandem.serve.startup import enable_compilation_cache, warm_up_engine
+
+    enable_compilation_cache(spec.compilation_cache_dir)
 
     mesh = tensor_parallel_mesh(
         serving_config(spec.model_source), spec.tensor_parallel_size, flag=spec.tensor_parallel_flag
@@ -66,7 +74,9 @@ def build_engine(spec: EngineSpec):
         spec.model_source, dtype=spec.dtype, seed=spec.seed, mesh=mesh
     )
     config = EngineConfig(**spec.engine_config)
-    return Engine(model, tokenizer, config, model_name=spec.served_model_name or name, mesh=mesh)
+    engine = Engine(model, tokenizer, config, model_name=spec.served_model_name or name, mesh=mesh)
+    warm_up_engine(engine, spec.warm_up)
+    return engine
 
 
 class EngineStartupError(RuntimeError):

@@ -16,6 +16,7 @@ from tandem.model.transformer import Transformer
 from tandem.serve.engine import Engine, EngineConfig
 from tandem.serve.output import RequestOutput
 from tandem.serve.sampling_params import SamplingParams
+from tandem.serve.startup import resolve_dtype
 
 
 def serving_config(model: str) -> ModelConfig:
@@ -63,11 +64,12 @@ def serving_tokenizer(model: str):
     return byte_tokenizer()
 
 
-def load_for_serving(model: str, *, dtype="float32", seed: int = 0, mesh=None):
+def load_for_serving(model, *, dtype="auto", seed: int = 0, mesh=None):
     """(model, tokenizer, name) from an HF checkpoint directory or a gin preset (random
     weights and the byte tokenizer: for demos and tests). With `mesh`, the weights are
     created or loaded straight into their shards (a preset's random weights are those of
     the unsharded build, up to float rounding)."""
+    dtype = resolve_dtype(dtype, model)
     if isinstance(model, str) and os.path.isdir(model):
         from tandem.model.hf import load_model
 
@@ -95,7 +97,7 @@ class LLM:
         model: str | Transformer,
         tokenizer=None,
         *,
-        dtype="float32",
+        dtype="auto",
         seed: int = 0,
         mesh=None,
         tensor_parallel_size: int = 1,

@@ -19,6 +19,7 @@ read again after the call that rewrites them.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from typing import NamedTuple
 
@@ -135,8 +136,11 @@ class ModelRunner:
         self.mesh = mesh
         self.token_buckets = power_of_two_buckets(max_num_batched_tokens, 16)
         self.slot_buckets = power_of_two_buckets(max_num_seqs, 8)
-        self.step_buckets = power_of_two_buckets(max_decode_steps, 1)
-        self.graphdef, self.params = nnx.split(model)
+        # One call of k steps, or of 1 when no sequence has more to go (a slot stops on
+        # device at its own cap, so rounding up to k only idles rows).
+        self.step_buckets = sorted({1, max_decode_steps})
+        graphdef, self.params = nnx.split(model)
+        self.graphdef = _interned(graphdef)
         if mesh is not None:
             # Replicated, spelled as jit hands it back, so each call reuses its compilation.
             place = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -177,7 +181,9 @@ class ModelRunner:
 
     # Steps.
 
-    def decode(self, num_steps: int, num_slots: int, num_top: int) -> StepResult:
+    def decode(
+        self, num_steps: int, num_slots: int, num_top: int, is_full: bool = True
+    ) -> StepResult:
         """`num_steps` (a step bucket) decode steps of the first `num_slots` slots (a slot
         bucket). A slot stops on device at its stop ids and length cap and produces
         nothing after; the caller plans no slot past its cap."""
@@ -185,12 +191,12 @@ class ModelRunner:
             self.kv, self.batch, result = _decode_jit(
                 self.params, self.kv, self.batch, self._next_key(), graphdef=self.graphdef,
                 page_size=self.page_size, num_steps=num_steps, num_slots=num_slots,
-                num_top=num_top,
+                num_top=num_top, is_full=is_full,
             )  # fmt: skip
         return _start_copy(result)
 
     def mixed(
-        self, inputs: MixedInputs, num_top: int, want_logits: bool
+        self, inputs: MixedInputs, num_top: int, want_logits: bool, is_full: bool = True
     ) -> tuple[StepResult, jax.Array | None]:
         """One step; with `want_logits` also f32[T, V], the logits of every token."""
         num_tokens = inputs.token_ids.shape[0]
@@ -198,24 +204,25 @@ class ModelRunner:
             self.kv, self.batch, result, logits = _mixed_jit(
                 self.params, self.kv, self.batch, self._next_key(), inputs.pack(),
                 graphdef=self.graphdef, page_size=self.page_size, num_tokens=num_tokens,
-                num_top=num_top, want_logits=want_logits,
+                num_top=num_top, is_full=is_full, want_logits=want_logits,
             )  # fmt: skip
         return _start_copy(result), logits
 
-    def warm_up(self, *, logprobs: bool = True, prompt_logprobs: bool = True) -> float:
+    def warm_up(self, *, full: bool = True, logprobs: bool = False) -> float:
         """Compiles every bucket of both steps (and the diffs) on padding, which changes no
-        state; returns the seconds it took."""
+        state; returns the seconds it took. `full`: also the sampler with top-k/top-p and
+        penalties; `logprobs`: also the steps that return top logprobs and prompt logits
+        (otherwise compiled when first asked for)."""
         start = time.perf_counter()
         tops = (0, self.num_top) if logprobs else (0,)
+        modes = (False, True) if full else (False,)
         for num_tokens in self.token_buckets:
             inputs = MixedInputs(**mixed_inputs(num_tokens, self.num_slots))
-            for num_top in tops:
-                for want in (False, True) if prompt_logprobs else (False,):
-                    self.mixed(inputs, num_top, want)
-        for num_slots in self.slot_buckets:
-            for num_steps in self.step_buckets:
-                for num_top in tops:
-                    self.decode(num_steps, num_slots, num_top)
+            for num_top, is_full, want in itertools.product(tops, modes, (False, logprobs)):
+                self.mixed(inputs, num_top, want, is_full)
+        for num_slots, num_steps in itertools.product(self.slot_buckets, self.step_buckets):
+            for num_top, is_full in itertools.product(tops, modes):
+                self.decode(num_steps, num_slots, num_top, is_full)
         self.write_pages([])
         self.copy_blocks([(0, 0)])
         jax.block_until_ready((self.kv, self.batch))
@@ -238,14 +245,29 @@ class ModelRunner:
         return out
 
 
+class _Graph:
+    """A model graph as a static jit argument: hashed by identity (a GraphDef hashes its
+    whole structure, a millisecond per call), one object per distinct graph."""
+
+    def __init__(self, graphdef):
+        self.graphdef = graphdef
+
+
+_GRAPHS: dict = {}
+
+
+def _interned(graphdef) -> _Graph:
+    return _GRAPHS.setdefault(graphdef, _Graph(graphdef))
+
+
 def _start_copy(result: StepResult) -> StepResult:
     for x in result:
         x.copy_to_host_async()
     return result
 
 
-def _decode(params, kv, batch, key, *, graphdef, page_size, num_steps, num_slots, num_top):
-    model = nnx.merge(graphdef, params)
+def _decode(params, kv, batch, key, *, graphdef, page_size, num_steps, num_slots, num_top, is_full):
+    model = nnx.merge(graphdef.graphdef, params)
     slots = jnp.arange(num_slots, dtype=jnp.int32)
     out = StepResult(
         jnp.full((num_steps, num_slots), -1, jnp.int32),
@@ -260,7 +282,7 @@ def _decode(params, kv, batch, key, *, graphdef, page_size, num_steps, num_slots
         tokens, md = db.decode_metadata(batch, num_slots, page_size)
         x, kv = model.paged_features(tokens, kv, md)
         logits = model.logits(x)  # [B, V]
-        res = sample(logits, db.rows_of(batch, slots, num_top), jax.random.fold_in(key, i))
+        res = sample(logits, db.rows_of(batch, slots, num_top, is_full), jax.random.fold_in(key, i))
         batch, _ = db.advance(batch, slots, res.tokens, md.positions + 1, active)
         out = StepResult(
             out.tokens.at[i].set(jnp.where(active, res.tokens, -1)),
@@ -277,8 +299,8 @@ def _decode(params, kv, batch, key, *, graphdef, page_size, num_steps, num_slots
 
 
 def _mixed(params, kv, batch, key, packed, *, graphdef, page_size, num_tokens, num_top,
-           want_logits):  # fmt: skip
-    model = nnx.merge(graphdef, params)
+           is_full, want_logits):  # fmt: skip
+    model = nnx.merge(graphdef.graphdef, params)
     num_slots = batch.active.shape[0]
     inp = MixedInputs.unpack(packed, num_tokens, num_slots)
     safe = jnp.minimum(inp.token_slots, num_slots - 1)
@@ -299,7 +321,7 @@ def _mixed(params, kv, batch, key, packed, *, graphdef, page_size, num_tokens, n
     x, kv = model.paged_features(tokens, kv, md)  # [T, D]
     logits = model.logits(x[inp.sample_rows])  # [S, V]
     row_slots = jnp.minimum(inp.sample_slots, num_slots - 1)
-    res = sample(logits, db.rows_of(batch, row_slots, num_top), key)
+    res = sample(logits, db.rows_of(batch, row_slots, num_top, is_full), key)
     row_live = (inp.sample_slots < num_slots) & (
         (inp.sample_is_decode == 0) | batch.active[row_slots]
     )
@@ -317,11 +339,11 @@ def _mixed(params, kv, batch, key, packed, *, graphdef, page_size, num_tokens, n
 # (a server and a bench, RL runs, tests) share their compilations.
 _decode_jit = jax.jit(
     _decode,
-    static_argnames=("graphdef", "page_size", "num_steps", "num_slots", "num_top"),
+    static_argnames=("graphdef", "page_size", "num_steps", "num_slots", "num_top", "is_full"),
     donate_argnums=(1, 2),
 )
 _mixed_jit = jax.jit(
     _mixed,
-    static_argnames=("graphdef", "page_size", "num_tokens", "num_top", "want_logits"),
+    static_argnames=("graphdef", "page_size", "num_tokens", "num_top", "is_full", "want_logits"),
     donate_argnums=(1, 2),
 )

@@ -423,12 +423,14 @@ def serve(
     port: int = 8000,
     api_keys: Sequence[str] | Mapping[str, str] = (),
     served_model_name: str | None = None,
-    dtype: str = "float32",
+    dtype: str = "auto",
     seed: int = 0,
     log_level: str = "info",
     mesh=None,
     tensor_parallel_size: int = 1,
     engine_process: bool = True,
+    warm_up: bool | None = None,
+    compilation_cache_dir: str | None = None,
     **engine_config,
 ) -> None:
     """Loads a checkpoint directory or a gin preset, builds the engine and serves it with
@@ -454,12 +456,16 @@ def serve(
             tensor_parallel_flag=TENSOR_PARALLEL_FLAG,
             served_model_name=served_model_name,
             engine_config=engine_config,
+            warm_up=warm_up,
+            compilation_cache_dir=compilation_cache_dir,
         )
         async_engine = ProcessEngine(spec)
     else:
         from tandem.serve.engine import Engine, EngineConfig
         from tandem.serve.llm import load_for_serving, serving_config, tensor_parallel_mesh
+        from tandem.serve.startup import enable_compilation_cache, warm_up_engine
 
+        enable_compilation_cache(compilation_cache_dir)
         if mesh is None:
             mesh = tensor_parallel_mesh(
                 serving_config(model_source), tensor_parallel_size, flag=TENSOR_PARALLEL_FLAG
@@ -472,6 +478,7 @@ def serve(
             model_name=served_model_name or name,
             mesh=mesh,
         )
+        warm_up_engine(engine, warm_up)
         async_engine = AsyncEngine(engine)
         tensor_parallel_size = 1 if mesh is None else mesh.shape["tensor"]
     app = build_app(async_engine, api_keys=api_keys)
@@ -514,7 +521,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "comma-separated, from $TANDEM_API_KEYS (keeps keys out of `ps`)",
     )
     parser.add_argument("--served_model_name", default=None)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    add_dtype_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max_model_len", type=int, default=None)
     parser.add_argument("--max_num_seqs", type=int, default=64)
@@ -530,7 +537,33 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="run the engine loop in its own process, off the HTTP front end's GIL "
         "(--no-engine_process: on a thread of the server's process)",
     )
+    parser.add_argument(
+        "--warm_up",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile every step shape before serving (default: on a GPU or TPU only)",
+    )
+    parser.add_argument(
+        "--compilation_cache_dir",
+        default=None,
+        help="JAX's persistent compilation cache: a second start compiles nothing "
+        "(default: $JAX_COMPILATION_CACHE_DIR, else ~/.cache/tandem/jax on a GPU or TPU)",
+    )
+    parser.add_argument("--num_decode_steps", type=int, default=8)
     parser.add_argument("--log_level", default="info")
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    """`--dtype auto` (the checkpoint's; bfloat16 for a preset on a GPU or TPU)."""
+    from tandem.serve.startup import DTYPES
+
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="the weights' dtype; auto: the checkpoint's own, or bfloat16 for a preset "
+        "on a GPU or TPU (float32 on a CPU)",
+    )
 
 
 def add_tensor_parallel_argument(parser: argparse.ArgumentParser) -> None:
@@ -569,5 +602,8 @@ def run_server(args: argparse.Namespace) -> int:
         policy=args.policy,
         tensor_parallel_size=args.tensor_parallel_size,
         engine_process=args.engine_process,
+        warm_up=args.warm_up,
+        compilation_cache_dir=args.compilation_cache_dir,
+        num_decode_steps=args.num_decode_steps,
     )
     return 0

@@ -64,6 +64,10 @@ class SamplingBatch:
     logprob_temperature: np.ndarray  # f32[B], divides logits for logprobs: 1 = raw
     num_top_logprobs: int = dataclasses.field(default=0, metadata=dict(static=True))
     """K, static: MAX_LOGPROBS (at most V) when any row asks for alternatives, else 0."""
+    is_full: bool = dataclasses.field(default=True, metadata=dict(static=True))
+    """Static: some row uses top-k, top-p or penalties (`needs_full_sampler`). False
+    skips the sort and the penalties at trace time (temperature, min-p and greedy rows
+    are sampled exactly the same either way)."""
 
     @property
     def batch_size(self) -> int:
@@ -120,6 +124,7 @@ class SamplingBatch:
             prompt_mask[i, prompt] = True
 
         wants_top = any(p.logprobs for p in params_list)
+        is_full = any(needs_full_sampler(p) for p in params_list)
         return cls(
             temperature=temperature,
             top_k=top_k,
@@ -136,10 +141,18 @@ class SamplingBatch:
             step=_pad([len(o) for o in output_token_ids_list], pad_to, np.int32),
             logprob_temperature=column(lambda p: p.logprob_temperature, np.float32, 1.0),
             num_top_logprobs=min(MAX_LOGPROBS, vocab_size) if wants_top else 0,
+            is_full=is_full,
         )
 
 
 jax.tree_util.register_dataclass(SamplingBatch)
+
+
+def needs_full_sampler(params: SamplingParams) -> bool:
+    """Whether a row needs the sort (top-k, top-p) or the penalty pass."""
+    return (
+        not params.is_greedy and (params.top_k > 0 or params.top_p < 1.0) or (params.uses_penalties)
+    )
 
 
 class SampleResult(NamedTuple):
@@ -160,23 +173,18 @@ def sample(logits: jax.Array, batch: SamplingBatch, key: jax.Array) -> SampleRes
         logits / batch.logprob_temperature[:, None], batch.num_top_logprobs
     )
 
-    if batch.output_counts.shape[1]:
-        is_penalised = (
-            (batch.repetition_penalty != 1.0)
-            | (batch.presence_penalty != 0.0)
-            | (batch.frequency_penalty != 0.0)
-        )
-        # At run time: a step whose rows are all unpenalised skips the [B, V] work.
-        logits = jax.lax.cond(jnp.any(is_penalised), apply_penalties, lambda x, b: x, logits, batch)
+    if batch.is_full and batch.output_counts.shape[1]:
+        logits = apply_penalties(logits, batch)  # exact identity on unpenalised rows
     is_greedy = batch.temperature < GREEDY_EPS
     greedy_tokens = jnp.argmax(logits, axis=-1)
 
     scaled = logits / jnp.where(is_greedy, 1.0, batch.temperature)[:, None]
-    top_k = jnp.where(batch.top_k > 0, jnp.minimum(batch.top_k, vocab), vocab)
-    needs_sort = jnp.any(~is_greedy & ((top_k < vocab) | (batch.top_p < 1.0)))
-    # The sort is the costly part of sampling; skip it at run time (not trace time, which
-    # would compile twice) when every row leaves top-k and top-p off.
-    scaled = jax.lax.cond(needs_sort, _top_k_top_p, lambda s, k, p: s, scaled, top_k, batch.top_p)
+    if batch.is_full:
+        # The sort is the costly part of sampling. Chosen at trace time, by the caller
+        # that knows the rows: a run-time branch would make the GPU wait for the host
+        # to read its predicate in the middle of every step.
+        top_k = jnp.where(batch.top_k > 0, jnp.minimum(batch.top_k, vocab), vocab)
+        scaled = _top_k_top_p(scaled, top_k, batch.top_p)
     # min-p: prob < min_p * max prob  <=>  logit < max logit + log(min_p). The ratio of
     # probabilities survives truncation, so it does not matter that top-k/top-p ran first.
     floor = jnp.max(scaled, axis=-1, keepdims=True) + jnp.log(batch.min_p)[:, None]

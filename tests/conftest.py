@@ -1,8 +1,9 @@
 """Test-wide setup. Every test process sees 8 fake CPU devices, so the mesh tests run
 alongside the single-device ones (which use device 0). It must be set before jax loads.
 
-The README's quickstart, which tests/cli and tests/align both check, runs once a session, in
-the background from the start (see `quickstart_run`)."""
+CI has 2 cores and a test process keeps about one busy, so the longest commands run in the
+background, beside other tests: the README's quickstart, which tests/cli and tests/align
+both check, runs once a session from the start (`quickstart_run`)."""
 
 import os
 import shutil
@@ -20,19 +21,20 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     ).strip()
 
 
-class QuickstartRun:
-    """`tandem quickstart --fast --run_dir RUN_DIR` in a subprocess, as a user runs it."""
+def tandem_cmd() -> list[str]:
+    """The `tandem` console command as a user runs it."""
+    exe = shutil.which("tandem")
+    return [exe] if exe else [sys.executable, "-m", "tandem.cli.main"]
 
-    def __init__(self):
-        self.run_dir = Path(tempfile.mkdtemp(prefix="quickstart-"))
-        self._logs = [open(self.run_dir / name, "w+") for name in ("stdout.log", "stderr.log")]
-        exe = shutil.which("tandem")
-        cmd = [exe] if exe else [sys.executable, "-m", "tandem.cli.main"]
+
+class Background:
+    """A command started now in a subprocess, its output kept in files (a pipe nobody reads
+    would fill and stall it)."""
+
+    def __init__(self, cmd: list[str], env: dict | None = None):
+        self._logs = [tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")]
         self.proc = subprocess.Popen(
-            cmd + ["quickstart", "--fast", "--run_dir", str(self.run_dir)],
-            stdout=self._logs[0],
-            stderr=self._logs[1],
-            text=True,
+            cmd, stdout=self._logs[0], stderr=self._logs[1], text=True, env=env
         )
 
     def wait(self, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -50,31 +52,54 @@ class QuickstartRun:
             self.proc.wait()
         for f in self._logs:
             f.close()
-        shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
-_quickstart: list[QuickstartRun] = []
+@pytest.fixture(scope="session")
+def start_in_background():
+    """start_in_background(cmd, env=None) -> Background; what still runs at the end of the
+    session is killed."""
+    started: list[Background] = []
+
+    def start(cmd: list[str], env: dict | None = None) -> Background:
+        started.append(Background(cmd, env))
+        return started[-1]
+
+    yield start
+    for run in started:
+        run.close()
+
+
+_quickstart: dict = {}  # "run": Background, "dir": its --run_dir
+
+
+def _start_quickstart():
+    run_dir = Path(tempfile.mkdtemp(prefix="quickstart-"))
+    _quickstart.update(
+        dir=run_dir,
+        run=Background(tandem_cmd() + ["quickstart", "--fast", "--run_dir", str(run_dir)]),
+    )
 
 
 def pytest_collection_finish(session):
-    """The quickstart keeps about one core busy for a minute or two, most of it in one
-    thread: when a collected test uses it, start it now, so that it runs beside the tests
-    before that one (CI has 2 cores)."""
+    """The quickstart takes a minute or two: when a collected test uses it, start it now,
+    beside the tests that run before that one."""
     if any("quickstart_run" in getattr(item, "fixturenames", ()) for item in session.items):
-        _quickstart.append(QuickstartRun())
+        _start_quickstart()
 
 
 def pytest_sessionfinish(session):
-    while _quickstart:
-        _quickstart.pop().close()
+    if _quickstart:
+        _quickstart["run"].close()
+        shutil.rmtree(_quickstart["dir"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def quickstart_run() -> tuple[Path, str]:
-    """(run directory, stdout) of the session's quickstart, once it has succeeded. Its
-    SFT and GRPO runs are those of tests/align/test_learning.py (the same config)."""
+    """(run directory, stdout) of `tandem quickstart --fast --run_dir DIR`, the README's main
+    command, once it has succeeded. tests/cli checks what it prints and writes;
+    tests/align/test_learning.py checks that its GRPO run learned."""
     if not _quickstart:
-        _quickstart.append(QuickstartRun())
-    done = _quickstart[0].wait()
+        _start_quickstart()
+    done = _quickstart["run"].wait()
     assert done.returncode == 0, done.stderr[-3000:]
-    return _quickstart[0].run_dir, done.stdout
+    return _quickstart["dir"], done.stdout

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from tandem.align.algo_configs import DPOConfig, GRPOConfig, PPOConfig, SFTConfig
+from tandem.align.algo_configs import DPOConfig, PPOConfig
 from tandem.align.data import synthetic_arithmetic, synthetic_preferences
 from tandem.align.quickstart import MODEL_BINDINGS, evaluate
 from tandem.align.train_config import TrainConfig

@@ -77,11 +77,23 @@ def committed_steps(run_dir) -> list[int]:
     )
 
 
-def test_killed_run_resumes_to_the_uninterrupted_params(tmp_path, data):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    done = subprocess.run(train_cmd(straight, data), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data, start_in_background):
+    """(run_dir, Background) of a run of STEPS steps never stopped. It starts when a test
+    first asks for it, so the killed run and its resume run beside it (CI has 2 cores)."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    return run_dir, start_in_background(train_cmd(run_dir, data))
 
+
+def finished(straight):
+    run_dir, run = straight
+    done = run.wait()
+    assert done.returncode == 0, done.stderr
+    return run_dir
+
+
+def test_killed_run_resumes_to_the_uninterrupted_params(tmp_path, data, straight):
+    killed = tmp_path / "killed"
     proc = subprocess.Popen(train_cmd(killed, data), stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not [s for s in committed_steps(killed) if s >= 20] and proc.poll() is None:
@@ -97,6 +109,7 @@ def test_killed_run_resumes_to_the_uninterrupted_params(tmp_path, data):
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed at step {last}" in resumed.stdout
 
+    straight = finished(straight)
     a = load_file(str(straight / "hf" / "model.safetensors"))
     b = load_file(str(killed / "hf" / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -111,11 +124,12 @@ def test_killed_run_resumes_to_the_uninterrupted_params(tmp_path, data):
     )
 
 
-def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(tmp_path, data):
+def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(tmp_path, data, straight):
+    """A copy of the finished uninterrupted run, its last checkpoint damaged, asked for more
+    steps."""
     run = tmp_path / "run"
-    cmd = train_cmd(run, data) + ["--gin_param", "TrainConfig.num_steps = 10"]
-    assert subprocess.run(cmd, capture_output=True).returncode == 0
-    step_dir = run / "checkpoints" / "10"
+    shutil.copytree(finished(straight), run)
+    step_dir = run / "checkpoints" / str(STEPS)
     # Damage the finished checkpoint: truncate every array data file.
     damaged = 0
     for root, _, names in os.walk(step_dir / "state"):
@@ -126,22 +140,21 @@ def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(tmp_path, data):
                     f.truncate(16)
                 damaged += 1
     assert damaged
-    again = subprocess.run(
-        cmd + ["--gin_param", "TrainConfig.num_steps = 20"], capture_output=True, text=True
-    )
+    more = ["--gin_param", f"TrainConfig.num_steps = {STEPS + 10}"]
+    again = subprocess.run(train_cmd(run, data) + more, capture_output=True, text=True)
     assert again.returncode == 1
     assert "error:" in again.stderr and str(step_dir) in again.stderr
-    assert not (run / "checkpoints" / "20").exists()
+    assert not (run / "checkpoints" / str(STEPS + 10)).exists()
 
 
 def test_bad_config_key_and_missing_file_are_named(tmp_path, data):
-    bad_key = subprocess.run(
-        tandem("train", "sft", *ARGS, "--gin_param", "TrainConfig.not_a_field = 1"),
-        capture_output=True,
-        text=True,
+    # Both at once: each spends its few seconds importing.
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    bad_key = subprocess.Popen(
+        tandem("train", "sft", *ARGS, "--gin_param", "TrainConfig.not_a_field = 1"), **pipes
     )
-    assert bad_key.returncode != 0 and "not_a_field" in bad_key.stderr
-    missing = subprocess.run(
-        train_cmd(tmp_path / "r", tmp_path / "nope.jsonl"), capture_output=True, text=True
-    )
-    assert missing.returncode == 2 and "nope.jsonl" in missing.stderr
+    missing = subprocess.Popen(train_cmd(tmp_path / "r", tmp_path / "nope.jsonl"), **pipes)
+    _, err = bad_key.communicate()
+    assert bad_key.returncode != 0 and "not_a_field" in err
+    _, err = missing.communicate()
+    assert missing.returncode == 2 and "nope.jsonl" in err

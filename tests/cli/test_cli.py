@@ -5,7 +5,6 @@ import contextlib
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import time
 import types
@@ -30,10 +29,17 @@ def device_env(num_devices: int = 1) -> dict:
     return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
 
 
-def tandem(*args, timeout=300):
-    return subprocess.run(
-        tandem_cmd() + list(args), capture_output=True, text=True, timeout=timeout, env=device_env()
-    )
+BAD_INPUT = {
+    "unknown binding": (["--gin_param", "ModelConfig.not_a_field=1"], "not_a_field"),
+    "absent gin file": (
+        ["--gin_file", "models/absent.gin"],
+        "no packaged gin file 'models/absent.gin'",
+    ),
+    "absent checkpoint": (
+        ["--model", "/nonexistent/ckpt"],
+        "/nonexistent/ckpt: no such checkpoint directory",
+    ),
+}
 
 
 def output_line(stdout: str) -> str:
@@ -41,14 +47,8 @@ def output_line(stdout: str) -> str:
     return line
 
 
-def test_generate_on_the_embedded_tiny_preset():
-    run = tandem("generate", "--prompt", "Hi", "--max_new_tokens", "5")
-    assert run.returncode == 0, run.stderr
-    assert "models/tiny.gin (random weights, seed 0)" in run.stdout
-    assert "5 tokens in" in run.stdout
-
-
-def test_generate_from_a_checkpoint_directory(tmp_path):
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory):
     cfg = ModelConfig(
         vocab_size=300,
         hidden_size=32,
@@ -58,26 +58,46 @@ def test_generate_from_a_checkpoint_directory(tmp_path):
         num_kv_heads=1,
         eos_token_id=257,
     )
-    save_model(Transformer(cfg, rngs=nnx.Rngs(3)), str(tmp_path))
-    byte_tokenizer().save_pretrained(tmp_path)
-    run = tandem("generate", "--model", str(tmp_path), "--prompt", "abc", "--max_new_tokens", "4")
+    path = tmp_path_factory.mktemp("ckpt")
+    save_model(Transformer(cfg, rngs=nnx.Rngs(3)), str(path))
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def generate_runs(start_in_background, checkpoint_dir):
+    """The `tandem generate` runs of the tests below, all started when the first is asked
+    for: each spends most of its seconds importing and compiling on one core, and CI has 2."""
+    runs = {
+        "tiny preset": ["--prompt", "Hi", "--max_new_tokens", "5"],
+        "checkpoint": ["--model", str(checkpoint_dir), "--prompt", "abc", "--max_new_tokens", "4"],
+        **{case: args for case, (args, _) in BAD_INPUT.items()},
+    }
+    return {
+        case: start_in_background(tandem_cmd() + ["generate", *args], env=device_env())
+        for case, args in runs.items()
+    }
+
+
+def test_generate_on_the_embedded_tiny_preset(generate_runs):
+    run = generate_runs["tiny preset"].wait(timeout=300)
     assert run.returncode == 0, run.stderr
-    assert f"model: {tmp_path}: llama, 1 layers" in run.stdout
+    assert "models/tiny.gin (random weights, seed 0)" in run.stdout
+    assert "5 tokens in" in run.stdout
+
+
+def test_generate_from_a_checkpoint_directory(generate_runs, checkpoint_dir):
+    run = generate_runs["checkpoint"].wait(timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert f"model: {checkpoint_dir}: llama, 1 layers" in run.stdout
     assert np.any([line.startswith("output: ") for line in run.stdout.splitlines()])
 
 
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (["--gin_param", "ModelConfig.not_a_field=1"], "not_a_field"),
-        (["--gin_file", "models/absent.gin"], "no packaged gin file 'models/absent.gin'"),
-        (["--model", "/nonexistent/ckpt"], "/nonexistent/ckpt: no such checkpoint directory"),
-    ],
-)
-def test_bad_input_is_a_clear_error(args, message):
-    run = tandem("generate", *args)
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_is_a_clear_error(generate_runs, case):
+    run = generate_runs[case].wait(timeout=300)
     assert run.returncode == 2
-    assert message in run.stderr
+    assert BAD_INPUT[case][1] in run.stderr
     assert "Traceback" not in run.stderr
 
 
@@ -124,46 +144,63 @@ def test_bad_tensor_parallel_size_is_a_clear_error(capsys, command, size, messag
     assert "Traceback" not in err
 
 
-@contextlib.contextmanager
-def serving(*args, num_devices=1):
-    """`tandem serve ARGS` on a free port. Yields a namespace once the server answers: its
-    openai `client`, and its `output` (stdout and stderr), filled in when it has stopped."""
-    import openai
-
+def start_server(start_in_background, *args, num_devices=1) -> types.SimpleNamespace:
+    """`tandem serve ARGS` on a free port, started now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        tandem_cmd() + ["serve", *args, "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=device_env(num_devices),
+    cmd = tandem_cmd() + ["serve", *args, "--port", str(port)]
+    return types.SimpleNamespace(
+        port=port, run=start_in_background(cmd, env=device_env(num_devices))
     )
-    server = types.SimpleNamespace(client=None, output="")
+
+
+@pytest.fixture(scope="module")
+def servers(start_in_background):
+    """The servers of the tests below, started together when the first is asked for."""
+    return {
+        "quickstart": start_server(start_in_background, "--model", "models/tiny.gin"),
+        "tensor parallel": start_server(
+            start_in_background, "models/tiny.gin", "--tensor-parallel-size", "2", num_devices=8
+        ),
+    }
+
+
+@contextlib.contextmanager
+def serving(server):
+    """Yields a namespace once `server` answers: its openai `client`, and its `output`
+    (stdout and stderr), filled in when it has stopped."""
+    import openai
+
+    proc = server.run.proc
+    out = types.SimpleNamespace(client=None, output="")
     try:
-        server.client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60
+        out.client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{server.port}/v1",
+            api_key="none",
+            max_retries=0,
+            timeout=60,
         )
         deadline = time.time() + 120
         while True:
             try:
-                server.client.models.list()
+                out.client.models.list()
                 break
             except openai.APIConnectionError:
-                assert proc.poll() is None, proc.stdout.read()
+                assert proc.poll() is None, server.run.wait().stderr
                 assert time.time() < deadline, "server did not come up"
                 time.sleep(0.5)
-        yield server
+        yield out
     finally:
         proc.terminate()
-        server.output, _ = proc.communicate(timeout=30)
-    assert f"http://127.0.0.1:{port}/v1" in server.output
+        done = server.run.wait(timeout=30)
+        out.output = done.stdout + done.stderr
+    assert f"http://127.0.0.1:{server.port}/v1" in out.output
 
 
-def test_serve_quickstart_answers_a_chat_request():
+def test_serve_quickstart_answers_a_chat_request(servers):
     """The README's quickstart: `tandem serve` on the tiny preset answers the openai client."""
-    with serving("--model", "models/tiny.gin") as server:
+    with serving(servers["quickstart"]) as server:
         assert [m.id for m in server.client.models.list().data] == ["tiny"]
         reply = server.client.chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8
@@ -172,9 +209,9 @@ def test_serve_quickstart_answers_a_chat_request():
         assert reply.usage.completion_tokens == 8 or reply.choices[0].finish_reason == "stop"
 
 
-def test_serve_tensor_parallel_answers_a_request():
+def test_serve_tensor_parallel_answers_a_request(servers):
     """vLLM's spelling of the flag; the tiny preset's heads split over 2 of 8 devices."""
-    with serving("models/tiny.gin", "--tensor-parallel-size", "2", num_devices=8) as server:
+    with serving(servers["tensor parallel"]) as server:
         reply = server.client.completions.create(
             model="tiny", prompt="Hello", max_tokens=8, temperature=0.0
         )

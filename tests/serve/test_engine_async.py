@@ -34,14 +34,17 @@ def make_engine(model, **kw):
     return Engine(model, TOK, EngineConfig(**{**cfg, **kw}))
 
 
-def workload():
+TEXT = "the quick brown fox jumps over the lazy dog "
+
+
+def workload(stop="e"):
     """{request id: (prompt, params)}: every feature the engine must keep exact."""
-    text = "the quick brown fox jumps over the lazy dog "
+    text = TEXT
     return {
         "greedy": (text, SP(max_tokens=20, temperature=0.0, ignore_eos=True)),
         "seeded": (text[:9], SP(max_tokens=17, temperature=0.9, seed=5, ignore_eos=True)),
         "topk": ("abc", SP(max_tokens=12, temperature=0.7, top_k=5, top_p=0.8, seed=2)),
-        "stop": (text, SP(max_tokens=30, temperature=0.0, ignore_eos=True, stop=("e",))),
+        "stop": (text, SP(max_tokens=30, temperature=0.0, ignore_eos=True, stop=(stop,))),
         "stop_id": ("xyz", SP(max_tokens=30, temperature=1.0, seed=9, stop_token_ids=(101,))),
         "group": ("a group", SP(n=3, max_tokens=9, temperature=1.0, seed=11, ignore_eos=True)),
         "logprobs": (text[:20], SP(max_tokens=6, temperature=0.0, logprobs=3, ignore_eos=True)),
@@ -50,7 +53,7 @@ def workload():
             SP(max_tokens=15, temperature=0.0, repetition_penalty=1.5, frequency_penalty=0.5),
         ),
         "prompt_lp": (text[:30], SP(max_tokens=2, temperature=0.0, prompt_logprobs=2)),
-        "long": (text * 3, SP(max_tokens=40, temperature=0.8, seed=1, ignore_eos=True)),
+        "long": (text * 2, SP(max_tokens=40, temperature=0.8, seed=1, ignore_eos=True)),
         "abort": (text, SP(max_tokens=60, temperature=0.0, ignore_eos=True)),
     }
 
@@ -84,11 +87,14 @@ def summary(out):
 
 
 def test_overlapped_multi_step_engine_equals_the_synchronous_one(model):
-    # 30 pages of 8 tokens for 13 sequences of up to 175 tokens: preemption happens.
-    sync = make_engine(model, num_decode_steps=1, async_scheduling=False, num_pages=30)
-    fast = make_engine(model, num_decode_steps=4, async_scheduling=True, num_pages=30)
-    want = run(sync, workload(), abort_after=3)
-    got = run(fast, workload(), abort_after=3)
+    # 18 pages of 8 tokens for 13 sequences of up to 130 tokens: both engines preempt.
+    sync = make_engine(model, num_decode_steps=1, async_scheduling=False, num_pages=18)
+    fast = make_engine(model, num_decode_steps=4, async_scheduling=True, num_pages=18)
+    probe = SP(max_tokens=30, temperature=0.0, ignore_eos=True)
+    text = run(sync, {"probe": (TEXT, probe)})["probe"].outputs[0].text
+    stop = text[10:12]  # a stop string the greedy text reaches mid-way
+    want = run(sync, workload(stop), abort_after=3)
+    got = run(fast, workload(stop), abort_after=3)
     assert sync.scheduler.num_preemptions > 0 and fast.scheduler.num_preemptions > 0
     assert set(want) == set(got) == set(workload()) - {"abort"}  # an abort has no output
     for rid in workload():
@@ -101,7 +107,8 @@ def test_overlapped_multi_step_engine_equals_the_synchronous_one(model):
     w, g = want["prompt_lp"].prompt_logprobs, got["prompt_lp"].prompt_logprobs
     assert g[0] is None and len(g) == len(w) == len(workload()["prompt_lp"][0])
     np.testing.assert_allclose([x.logprob for x in g[1:]], [x.logprob for x in w[1:]], atol=1e-5)
-    assert got["stop"].outputs[0].finish_reason == "stop" and "e" not in got["stop"].outputs[0].text
+    stopped = got["stop"].outputs[0]
+    assert stopped.finish_reason == "stop" and stopped.text == text[: text.index(stop)]
     for engine in (sync, fast):  # every page came back, aborted or not
         assert engine.blocks.num_used_blocks == 0 and not engine.requests
 

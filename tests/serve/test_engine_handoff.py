@@ -106,7 +106,7 @@ def test_sampler_mixes_raw_and_scaled_rows_without_recompiling():
     def build(ps):
         return SamplingBatch.build(ps, [[]] * 8, [[]] * 8, vocab_size=vocab, pad_to=8)
 
-    all_raw = [SamplingParams(temperature=temp, seed=i, logprobs=3) for i in range(8)]
+    all_raw = [SamplingParams(temperature=temp, seed=i, logprobs=3, top_k=5) for i in range(8)]
     sample(logits, build(all_raw), jax.random.key(0))
     compiles = sample._cache_size()
     out = jax.tree.map(np.asarray, sample(logits, build(params), jax.random.key(0)))

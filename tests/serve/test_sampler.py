@@ -243,8 +243,9 @@ def test_prompt_token_logprobs():
     np.testing.assert_allclose(top_lp, np.sort(raw, -1)[:, ::-1][:, :2], atol=1e-6)
 
 
-def test_one_compile_per_padded_batch_size_whatever_the_request_mix():
-    # pad_to 11 and 13 are used by no other test, so each adds exactly its own compiles.
+def test_two_compiles_per_padded_batch_size_whatever_the_request_mix():
+    # pad_to 11 and 13 are used by no other test, so each adds exactly its own compiles:
+    # one for rows that need no sort or penalties, one (is_full) for those that do.
     mixes = [
         ([SP(temperature=0)], [[]]),
         ([SP(seed=3, top_k=2), SP(top_p=0.4)], [[1], [2, 3, 4]]),
@@ -255,12 +256,12 @@ def test_one_compile_per_padded_batch_size_whatever_the_request_mix():
     for pad_to in (11, 13):
         for params, outputs in mixes:
             run(params, LOGITS, outputs=outputs, pad_to=pad_to, key=len(outputs))
-    assert sample._cache_size() == before + 2
+    assert sample._cache_size() == before + 4
     # Penalties switch the dense penalty columns on (width V), whatever the histories'
     # lengths.
     for outputs in ([[1]], [[1, 2, 3]], [list(range(V)) * 3]):
         run([SP(repetition_penalty=1.2)], LOGITS, outputs=outputs, pad_to=11)
-    assert sample._cache_size() == before + 3
+    assert sample._cache_size() == before + 5
 
 
 def test_build_pads_with_greedy_rows_and_checks_its_inputs():
