@@ -227,6 +227,8 @@ class Engine:
         lookahead = self.config.num_decode_steps
         plan = self.scheduler.schedule(lookahead, can_preempt=not self._in_flight)
         if plan.needs_drain:  # a preemption must see every token first
+            if plan.copies:  # made by reservations before the stop: still owed
+                self.runner.copy_blocks([(c.src_block, c.dst_block) for c in plan.copies])
             while self._in_flight:
                 changed += self._collect(self._in_flight.popleft())
             plan = self.scheduler.schedule(lookahead)

@@ -196,3 +196,49 @@ def test_finish_returns_pages_and_drops_waiting():
 def test_bad_config_names_the_field():
     with pytest.raises(ValueError, match="policy"):
         SchedulerConfig(policy="lottery")
+
+
+def test_decode_lookahead_reserves_pages_for_every_step_up_to_the_cap():
+    sched = make(budget=8, num_blocks=16, block_size=4)
+    seq = Sequence("a", [1, 2, 3], max_num_tokens=3 + 6)  # max_tokens 6
+    sched.add(seq)
+    update(sched, sched.schedule(lookahead=4), fake_next)  # prompt: 1 token sampled
+    out = sched.schedule(lookahead=4)
+    # 4 steps: positions 3..6 written, so blocks [0, 4) and [4, 8): 2 blocks.
+    assert [(c.start, c.num_tokens, c.is_decode) for c in out.chunks] == [(3, 4, True)]
+    assert len(sched.blocks.block_table("a")) == 2
+    sched.scheduled(out)  # in flight: 4 tokens the host has not seen
+    assert seq.num_inflight_tokens == 4 and seq.num_tokens == 3 + 1 + 4
+    # Only 1 token is left under the cap (3 + 6): the next call plans 1 step.
+    out = sched.schedule(lookahead=4)
+    assert [(c.start, c.num_tokens) for c in out.chunks] == [(7, 1)]
+
+
+def test_a_step_with_prompt_work_runs_its_decodes_once():
+    sched = make(budget=16, num_blocks=32, block_size=4)
+    sched.add(Sequence("a", [1, 2]))
+    update(sched, sched.schedule(lookahead=4), fake_next)
+    sched.add(Sequence("b", list(range(10))))
+    out = sched.schedule(lookahead=4)
+    assert [(c.seq.seq_id, c.num_tokens, c.is_decode) for c in out.chunks] == [
+        ("a", 1, True),
+        ("b", 10, False),
+    ]
+
+
+def test_a_preemption_waits_for_the_tokens_in_flight():
+    sched = make(budget=8, num_blocks=2, block_size=4, max_num_seqs=2)
+    a, b = Sequence("a", [1, 2, 3]), Sequence("b", [4, 5, 6])
+    sched.add(a)
+    sched.add(b)
+    update(sched, sched.schedule(), fake_next)  # both prefilled: 1 block each, 1 token out
+    # Each decode needs a second block and none is free. With calls in flight, the
+    # scheduler asks for a drain instead of preempting blind.
+    out = sched.schedule(lookahead=4, can_preempt=False)
+    assert out.needs_drain and b.status == Status.RUNNING
+    b.num_inflight_tokens = 1  # the victim's last token is still on device
+    assert sched.schedule(lookahead=4).needs_drain and b.status == Status.RUNNING
+    b.num_inflight_tokens = 0  # drained: now b is preempted and a gets the block
+    out = sched.schedule(lookahead=4)
+    assert not out.needs_drain and b.status == Status.WAITING
+    assert [c.seq.seq_id for c in out.chunks] == ["a"]

@@ -1,0 +1,52 @@
+"""Defaults that reach the hardware, checked where a CPU can: --dtype auto, the
+compilation cache folder, and the prompt forms LLM.generate takes."""
+
+import json
+
+import jax
+import pytest
+
+from tandem.serve.startup import enable_compilation_cache, resolve_dtype
+
+
+def test_dtype_auto_takes_the_checkpoints_own(tmp_path):
+    for key, stored in (("torch_dtype", "bfloat16"), ("dtype", "float16"), ("dtype", "float32")):
+        (tmp_path / "config.json").write_text(json.dumps({key: stored}))
+        assert resolve_dtype("auto", str(tmp_path)) == stored
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "int8"}))
+    with pytest.raises(ValueError, match="config.json: unsupported dtype 'int8'"):
+        resolve_dtype("auto", str(tmp_path))
+    assert resolve_dtype("bfloat16", str(tmp_path)) == "bfloat16"  # an explicit choice wins
+
+
+def test_dtype_auto_for_a_preset_is_float32_on_a_cpu_and_bad_names_are_refused():
+    assert jax.default_backend() == "cpu"
+    assert resolve_dtype("auto", "models/tiny.gin") == "float32"
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        resolve_dtype("fp8", "models/tiny.gin")
+
+
+def test_compilation_cache_is_off_on_a_cpu_unless_asked(tmp_path, monkeypatch):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    assert enable_compilation_cache() is None
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        assert enable_compilation_cache(str(tmp_path / "c")) == str(tmp_path / "c")
+        assert (tmp_path / "c").is_dir()
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_llm_takes_text_ids_and_vllm_prompt_dicts():
+    from tandem.serve import LLM
+
+    llm = LLM("models/tiny.gin", max_num_seqs=2, max_num_batched_tokens=16, max_model_len=64)
+    ids = llm.engine.tokenizer.encode("hi")
+    assert llm._prompt_ids("hi") == ids
+    assert llm._prompt_ids(ids) == ids
+    assert llm._prompt_ids({"prompt_token_ids": ids}) == ids
+    assert llm._prompt_ids({"prompt": "hi"}) == ids
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        llm._prompt_ids({"text": "hi"})
+    with pytest.raises(ValueError, match="non-integer"):
+        llm._prompt_ids([1.5, 2])
