@@ -9,13 +9,15 @@ import time
 
 def _generate(args: argparse.Namespace) -> int:
     """Greedy text through the serving engine (`LLM`), as `tandem serve` would answer."""
-    from tandem.serve.llm import LLM, serving_config, tensor_parallel_mesh
+    from tandem.serve.llm import LLM, tensor_parallel_mesh
     from tandem.serve.openai_server import TENSOR_PARALLEL_FLAG
     from tandem.serve.sampling_params import SamplingParams
 
     source = args.model or args.gin_file
     if args.model:
-        cfg = serving_config(args.model)
+        from tandem.model.hf import load_config
+
+        cfg = load_config(args.model)  # names a missing or bad checkpoint directory
     else:
         from tandem.configs import model_config_from_gin
         from tandem.model.tokenizer import byte_tokenizer

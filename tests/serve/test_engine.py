@@ -51,12 +51,14 @@ def test_no_recompilation_after_warm_up(model):
         for i, (n, m) in enumerate([(3, 9), (30, 4), (70, 12), (11, 20)])
     }
     before = engine.stats()["num_compiles"]
-    warm_up_seconds = engine.warm_up()
+    # Greedy requests only: the sampler without sort or penalties is all they need.
+    warm_up_seconds = engine.warm_up(full=False)
     compiles = engine.stats()["num_compiles"]
-    # At most: mixed steps per token bucket (x logprobs x prompt logprobs) and decode calls
-    # per slot bucket (x logprobs); fewer when another engine compiled them already.
+    # At most a mixed step per token bucket and a decode call per slot and step bucket;
+    # fewer when another engine of this model compiled them already.
     runner = engine.runner
-    assert compiles - before <= 4 * len(runner.token_buckets) + 2 * len(runner.slot_buckets)
+    buckets = len(runner.token_buckets) + len(runner.slot_buckets) * len(runner.step_buckets)
+    assert compiles - before <= buckets
     assert warm_up_seconds > 0
     run(engine, workload)
     run(engine, {f"again-{k}": v for k, v in workload.items()})

@@ -115,12 +115,19 @@ def test_mesh_engine_serves_updated_params_without_recompiling(model, single_dev
 
 
 def test_a_mesh_engine_compiles_each_bucket_once(model):
-    """The step hands back the pages with the sharding they came in with: the second step
-    of the same shapes (a 3-token prompt's prefill, then its decodes, all in the smallest
-    token and row buckets) reuses the first compilation."""
+    """A call hands back the pages and the batch with the shardings they came in with: a
+    3-token prompt's prefill and its decodes compile at most one mixed step and one decode
+    call (none if an earlier engine of this model compiled them), and a second request of
+    the same shapes compiles nothing."""
     mesh = make_mesh(data=1, fsdp=4, tensor=2)
     engine = Engine(shard_model(model, mesh), TOK, ENGINE, mesh=mesh)
-    engine.add_request("only", TOK.encode("abc"), SamplingParams(max_tokens=4, temperature=0.0))
-    while engine.has_unfinished():
-        engine.step()
-    assert engine.stats()["num_compiles"] == 1
+    before = engine.stats()["num_compiles"]
+    for rid in ("first", "second"):
+        greedy = SamplingParams(max_tokens=4, temperature=0.0)
+        engine.add_request(rid, TOK.encode("abc"), greedy)
+        while engine.has_unfinished():
+            engine.step()
+        if rid == "first":
+            compiles = engine.stats()["num_compiles"]
+            assert compiles - before <= 2
+    assert engine.stats()["num_compiles"] == compiles
