@@ -43,7 +43,8 @@ def make_engine(
         num_pages=num_seqs * pages_per_seq + 8,
         max_model_len=pages_per_seq * page_size,
         max_num_seqs=num_seqs,
-        max_num_batched_tokens=max(256, 1 << (max_len - 1).bit_length()),
+        # Every running sequence decodes one token per step, so the budget holds them all.
+        max_num_batched_tokens=max(256, num_seqs, 1 << (max_len - 1).bit_length()),
         enable_prefix_caching=True,
         seed=seed,
     )
