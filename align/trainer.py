@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from tandem.align.train_config import TrainConfig, learning_rate_schedule, make_optimizer
 from tandem.align.train_step import TrainState, init_state, make_train_step
@@ -73,6 +74,13 @@ def shard_batch(batch: dict, mesh) -> dict:
     return jax.tree.map(put, batch)
 
 
+def on_mesh_sharding(sharding, mesh):
+    """`sharding` of an array on `mesh`; replicated over it for an array on one device."""
+    if isinstance(sharding, SingleDeviceSharding):
+        return NamedSharding(mesh, PartitionSpec())
+    return sharding
+
+
 def fit(
     cfg: TrainConfig,
     module: nnx.Module,
@@ -98,6 +106,15 @@ def fit(
     if mesh is not None:
         params = jax.device_put(params, state_shardings(params, mesh))
     state = init_state(params, optimizer, cfg.seed)
+    shardings = None
+    if mesh is not None:
+        # The train step hands its state back with equivalent shardings spelled its own way
+        # (P('fsdp', 'tensor') for P('fsdp', 'tensor', None)), which jit keys as new input
+        # types: put back on these after each step (no data moves), every step reuses the
+        # first one's compilation. The step, the RNG key and optax's counts start on one
+        # device: replicated, as the step returns them.
+        shardings = jax.tree.map(lambda x: on_mesh_sharding(x.sharding, mesh), state)
+        state = jax.device_put(state, shardings)
     checkpointer = Checkpointer(
         os.path.join(cfg.run_dir, "checkpoints"),
         save_every=cfg.save_every or cfg.num_steps,
@@ -137,6 +154,8 @@ def fit(
             t0 = time.perf_counter()
             with mesh_context(mesh):
                 state, device_metrics = train_step(state, shard_batch(batch, mesh))
+            if shardings is not None:
+                state = jax.device_put(state, shardings)
             device_metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
             host_metrics["time/update"] = time.perf_counter() - t0
             for name in ("loss", "grad_norm"):

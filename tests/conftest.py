@@ -83,6 +83,8 @@ def _start_quickstart():
 def pytest_collection_finish(session):
     """The quickstart takes a minute or two: when a collected test uses it, start it now,
     beside the tests that run before that one."""
+    if session.config.option.collectonly:
+        return
     if any("quickstart_run" in getattr(item, "fixturenames", ()) for item in session.items):
         _start_quickstart()
 

@@ -35,6 +35,39 @@ def tiny_model_config():
     gin.clear_config()
 
 
+# First: it needs no quickstart run, so it runs while that one finishes (tests/conftest.py).
+def test_dpo_learns_the_preference(tmp_path):
+    """Held-out pairs: the trained policy's implicit reward beta*log(pi/pi_ref) ranks the
+    chosen completion above the rejected one for more than 90% of them."""
+    from tandem.align import data
+    from tandem.align.dpo import DPO, train_dpo
+    from tandem.align.policy import load_policy
+
+    records = synthetic_preferences(512, seed=0)
+    cfg = TrainConfig(
+        run_dir=str(tmp_path / "dpo"),
+        train_file=write_jsonl(tmp_path / "prefs.jsonl", records),
+        num_steps=40,
+        batch_size=16,
+        max_length=16,
+        learning_rate=1e-3,
+        progress=False,
+    )
+    result = train_dpo(cfg, DPOConfig())
+    reference, tokenizer = load_policy(cfg)  # the same seed: the starting weights
+    held_out = synthetic_preferences(128, seed=1)
+    examples = [data.tokenize_preference(r, tokenizer, cfg.max_length) for r in held_out]
+    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    algo = DPO(DPOConfig(), reference)
+    batch, _ = algo.prepare(None, iter([batch]), 0)
+    _, metrics = algo.loss(
+        result.module, jax.tree.map(jax.numpy.asarray, batch), len(held_out), None
+    )
+    accuracy = float(metrics["rewards/accuracy"])
+    print(f"DPO: held-out preference accuracy {accuracy:.3f}")
+    assert accuracy > 0.9
+
+
 @pytest.fixture(scope="module")
 def arithmetic(quickstart_run):
     """An SFT'd tiny model (its HF directory), the task file, held-out problems and the
@@ -90,35 +123,3 @@ def test_ppo_raises_the_reward_of_an_sfted_model(arithmetic, tmp_path):
     _, reward = evaluate(f"{cfg.run_dir}/hf", arithmetic["held_out"], num_samples=8)
     print(f"PPO: held-out mean reward {arithmetic['reward']:.3f} -> {reward:.3f}")
     assert reward > arithmetic["reward"] + 0.05
-
-
-def test_dpo_learns_the_preference(tmp_path):
-    """Held-out pairs: the trained policy's implicit reward beta*log(pi/pi_ref) ranks the
-    chosen completion above the rejected one for more than 90% of them."""
-    from tandem.align import data
-    from tandem.align.dpo import DPO, train_dpo
-    from tandem.align.policy import load_policy
-
-    records = synthetic_preferences(512, seed=0)
-    cfg = TrainConfig(
-        run_dir=str(tmp_path / "dpo"),
-        train_file=write_jsonl(tmp_path / "prefs.jsonl", records),
-        num_steps=40,
-        batch_size=16,
-        max_length=16,
-        learning_rate=1e-3,
-        progress=False,
-    )
-    result = train_dpo(cfg, DPOConfig())
-    reference, tokenizer = load_policy(cfg)  # the same seed: the starting weights
-    held_out = synthetic_preferences(128, seed=1)
-    examples = [data.tokenize_preference(r, tokenizer, cfg.max_length) for r in held_out]
-    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-    algo = DPO(DPOConfig(), reference)
-    batch, _ = algo.prepare(None, iter([batch]), 0)
-    _, metrics = algo.loss(
-        result.module, jax.tree.map(jax.numpy.asarray, batch), len(held_out), None
-    )
-    accuracy = float(metrics["rewards/accuracy"])
-    print(f"DPO: held-out preference accuracy {accuracy:.3f}")
-    assert accuracy > 0.9

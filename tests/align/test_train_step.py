@@ -3,6 +3,8 @@ in what order arithmetic happens, not what one optimizer step computes."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,18 +43,28 @@ def sft_batch(seed=0) -> dict:
     return {"tokens": tokens, "loss_mask": mask}
 
 
+# SGD: the new params are params - lr * grads, so comparing them compares gradients
+# (Adam's m / sqrt(v) would turn 1e-9 float noise in tiny gradients into sign flips).
+OPTIMIZER = optax.sgd(0.5)
+SFT_ALGO = SFT()
+
+
+@functools.cache
+def train_step(graphdef, algo, grad_accum):
+    """One jitted step per (model, algorithm, accumulation): the tests that take the same
+    step (the 1-batch SFT reference) share its compilation."""
+    return make_train_step(
+        graphdef, algo.loss, algo.denominator, OPTIMIZER, grad_accum_steps=grad_accum
+    )
+
+
 def one_step(model, algo, batch, *, grad_accum=1, mesh=None):
-    # SGD: the new params are params - lr * grads, so comparing them compares gradients
-    # (Adam's m / sqrt(v) would turn 1e-9 float noise in tiny gradients into sign flips).
-    optimizer = optax.sgd(0.5)
     graphdef, params = nnx.split(model)
     params = jax.tree.map(jnp.copy, params)
     if mesh is not None:
         params = jax.device_put(params, state_shardings(params, mesh))
-    state = init_state(params, optimizer, seed=0)
-    step = make_train_step(
-        graphdef, algo.loss, algo.denominator, optimizer, grad_accum_steps=grad_accum
-    )
+    state = init_state(params, OPTIMIZER, seed=0)
+    step = train_step(graphdef, algo, grad_accum)
     if mesh is not None:
         with jax.set_mesh(mesh):
             state, metrics = step(state, jax.tree.map(jnp.asarray, batch))
@@ -78,8 +90,8 @@ def test_accumulated_micro_batches_equal_one_batch(model, grad_accum):
     # Rows carry different numbers of completion tokens, so a per-micro-batch mean would
     # weight them differently; the whole-batch normalizer makes the sums agree.
     batch = sft_batch()
-    ref_params, ref_metrics = one_step(model, SFT(), batch)
-    params, metrics = one_step(model, SFT(), batch, grad_accum=grad_accum)
+    ref_params, ref_metrics = one_step(model, SFT_ALGO, batch)
+    params, metrics = one_step(model, SFT_ALGO, batch, grad_accum=grad_accum)
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-6)
     np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
     assert_params_close(params, ref_params)
@@ -116,9 +128,9 @@ def test_dpo_accumulation_and_step_zero_loss(model):
 
 def test_sharded_step_equals_single_device(model):
     batch = sft_batch(2)
-    ref_params, ref_metrics = one_step(model, SFT(), batch)
+    ref_params, ref_metrics = one_step(model, SFT_ALGO, batch)
     mesh = make_mesh(data=1, fsdp=4, tensor=2)
-    params, metrics = one_step(model, SFT(), batch, grad_accum=2, mesh=mesh)
+    params, metrics = one_step(model, SFT_ALGO, batch, grad_accum=2, mesh=mesh)
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
     assert_params_close(params, ref_params, atol=1e-5)
 
@@ -143,7 +155,7 @@ def test_packed_rows_compute_the_unpacked_loss(model):
         "segment_ids": np.array([[1] * 7 + [2] * 9], np.int32),
         "positions": np.array([list(range(7)) + list(range(9))], np.int32),
     }
-    p_unpacked, m_unpacked = one_step(model, SFT(), unpacked)
-    p_packed, m_packed = one_step(model, SFT(), packed)
+    p_unpacked, m_unpacked = one_step(model, SFT_ALGO, unpacked)
+    p_packed, m_packed = one_step(model, SFT_ALGO, packed)
     np.testing.assert_allclose(m_packed["loss"], m_unpacked["loss"], rtol=1e-5)
     assert_params_close(p_packed, p_unpacked, atol=1e-5)
