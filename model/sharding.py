@@ -43,7 +43,6 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-@gin.configurable
 def mesh_context(mesh):
     """`jax.set_mesh(mesh)`, or a context that does nothing when `mesh` is None. Under a
     mesh, `constrain` pins activations to it and attention runs per device on its kv
@@ -51,6 +50,7 @@ def mesh_context(mesh):
     return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
+@gin.configurable
 def logical_rules(rules: Sequence[tuple[str, object]] = LOGICAL_RULES) -> tuple:
     """The rules table in force (gin: `logical_rules.rules = [...]`)."""
     return tuple((name, tuple(m) if isinstance(m, list) else m) for name, m in rules)

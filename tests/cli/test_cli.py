@@ -25,8 +25,10 @@ def tandem_cmd() -> list[str]:
 
 def device_env(num_devices: int = 1) -> dict:
     """One CPU device unless a test needs a mesh (tensor parallel)."""
-    flags = f"--xla_force_host_platform_device_count={num_devices}" if num_devices > 1 else ""
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    if num_devices > 1:
+        flags.append(f"--xla_force_host_platform_device_count={num_devices}")
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags)}
 
 
 BAD_INPUT = {

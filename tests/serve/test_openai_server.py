@@ -80,11 +80,12 @@ def engine(raw_engine):
 
 @pytest.fixture
 def slow_steps(raw_engine, monkeypatch):
-    """10 ms more per step, so a request of 100 tokens outlives a client's patience."""
+    """50 ms more per engine step (a step decodes up to `num_decode_steps` = 8 tokens), so a
+    request of 100 tokens takes over 0.6 s: it outlives a client's patience of 0.3 s."""
     step = raw_engine.step
 
     def slow_step():
-        time.sleep(0.01)
+        time.sleep(0.05)
         return step()
 
     monkeypatch.setattr(raw_engine, "step", slow_step)
