@@ -11,7 +11,7 @@ import dataclasses
 
 import gin
 
-from tandem.align.loss_policy import DAPO, DEEPSEEKMATH_GRPO, DR_GRPO, TRL_GRPO
+from tandem.align.losses.policy_gradient import DAPO, DEEPSEEKMATH_GRPO, DR_GRPO, TRL_GRPO
 
 NEEDS_REFERENCE = {"dpo": True, "simpo": False, "orpo": False}
 

@@ -13,7 +13,6 @@ Chosen and rejected rows go through the model as one [2B, T] batch.
 
 from __future__ import annotations
 
-import functools
 import time
 
 import jax
@@ -21,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tandem.align import data
 from tandem.align.algo_configs import NEEDS_REFERENCE, DPOConfig
+from tandem.align.data.preference import pair_rows, preference_batches
 from tandem.align.logprobs import next_token_logprobs
 from tandem.align.losses import get_loss
 from tandem.align.policy import export_hf, frozen_copy, load_policy
@@ -34,12 +33,6 @@ def completion_logps(model, tokens, mask):
     """Per-token logps of the completion tokens: f32[B, T] (0 off the mask)."""
     logps = next_token_logprobs(model(tokens), tokens)
     return logps * mask.at[:, 0].set(0)
-
-
-def pair_rows(batch: dict) -> tuple[jax.Array, jax.Array]:  # i32[2B, T], f32[2B, T]
-    tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])
-    mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]]).astype(jnp.float32)
-    return tokens, mask
 
 
 class DPO:
@@ -121,19 +114,6 @@ class DPO:
 
     def after_update(self, state):
         return {}
-
-
-def preference_batches(cfg: TrainConfig, tokenizer):
-    """The checkpointable iterator of tokenised pairs that DPO and reward models train on;
-    every row's layout is checked before training starts."""
-    records = data.read_records(cfg.train_file, layout="preference")
-    dataset = data.make_dataset(
-        records,
-        functools.partial(data.tokenize_preference, tokenizer=tokenizer, max_length=cfg.max_length),
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-    )
-    return iter(dataset)
 
 
 def train_dpo(cfg: TrainConfig, dpo: DPOConfig | None = None) -> RunResult:

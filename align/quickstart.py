@@ -39,15 +39,15 @@ def write_jsonl(path: str, records: list[dict]) -> str:
 
 def evaluate(model_dir: str, records: list[dict], *, num_samples: int = 4, seed: int = 0):
     """(greedy accuracy, mean exact-match reward of sampled completions at T=1)."""
-    from tandem.align.rewards import exact_match
-    from tandem.align.rl import make_engine
-    from tandem.align.rollout import generate
+    from tandem.align.rl.common import make_engine
+    from tandem.align.rl.rewards import exact_match
+    from tandem.align.rl.rollout import generate
     from tandem.model.hf import load_model
     from tandem.model.tokenizer import load_tokenizer
 
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
     engine = make_engine(model, tokenizer, num_seqs=len(records) * num_samples, max_len=32)
-    # Encoded as the server encodes a prompt (and as training did: see data_tokenize).
+    # Encoded as the server encodes a prompt (and as training did: see data/tokenize.py).
     prompts = [tokenizer.encode(r["prompt"]) for r in records]
     out = {}
     for name, temperature, n in (("greedy", 0.0, 1), ("sampled", 1.0, num_samples)):
@@ -102,7 +102,7 @@ def serve_one_request(model_dir: str, prompt: str) -> str:
 
 
 def run_quickstart(run_dir: str = "runs/quickstart", *, fast: bool = False) -> int:
-    from tandem.align.grpo import train_grpo
+    from tandem.align.rl.grpo import train_grpo
     from tandem.align.sft import train_sft
     from tandem.configs import parse
 

@@ -10,7 +10,8 @@ checkpoint with `num_labels = 1`, the trunk under HF's `model.*` names plus `sco
 `transformers.AutoModelForSequenceClassification` and scores the same. `load_reward_model`
 also reads such checkpoints written by transformers, and the layout tandem wrote before (a
 tied causal LM plus `score.safetensors`). `RewardModelScorer` makes a saved model a reward
-function for RL.
+function for RL. Training one is reward_trainer.py's; this module imports nothing of the
+training stack, so RL can score with a reward model without it.
 """
 
 from __future__ import annotations
@@ -24,12 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tandem.align.algo_configs import RewardConfig
-from tandem.align.dpo import pair_rows, preference_batches
-from tandem.align.losses import get_loss
-from tandem.align.policy import load_policy
-from tandem.align.train_config import TrainConfig
-from tandem.align.trainer import RunResult, build_mesh, fit
 from tandem.model.config import ModelConfig, to_hf_config
 from tandem.model.hf import (
     SCORE_WEIGHT,
@@ -77,32 +72,6 @@ def last_index(mask: jax.Array) -> jax.Array:  # f32[B, T] -> i32[B]
     """The last position where the mask is set (the EOS of the completion)."""
     positions = jnp.arange(mask.shape[1])[None, :]
     return jnp.max(jnp.where(mask > 0, positions, 0), axis=-1).astype(jnp.int32)
-
-
-class RewardTrainer:
-    def __init__(self, cfg: RewardConfig):
-        self.cfg = cfg
-
-    def loss(self, model, batch, normalizer, rng):
-        del rng
-        tokens, mask = pair_rows(batch)
-        rewards = model(tokens, last_index(mask))  # [2B]
-        num_pairs = batch["chosen_tokens"].shape[0]
-        return get_loss("bradley_terry")(
-            rewards[:num_pairs],
-            rewards[num_pairs:],
-            center_rewards_coefficient=self.cfg.center_rewards_coefficient,
-            normalizer=normalizer,
-        )
-
-    def denominator(self, batch):
-        return jnp.asarray(batch["chosen_tokens"].shape[0], jnp.float32)
-
-    def prepare(self, state, data_iter, step):
-        return next(data_iter), {}
-
-    def after_update(self, state):
-        return {}
 
 
 # --- Hugging Face sequence-classification checkpoints --------------------------------------
@@ -225,21 +194,3 @@ class RewardModelScorer:
             tokens[i, : len(row)] = row
         last = np.array([len(row) - 1 for row in ids], np.int32)  # [B]
         return np.asarray(self._score(self._state, tokens, last)).tolist()
-
-
-def train_reward_model(cfg: TrainConfig, rm: RewardConfig | None = None) -> RunResult:
-    mesh = build_mesh(cfg)
-    trunk, tokenizer = load_policy(cfg, mesh)
-    model = RewardModel(trunk, rngs=nnx.Rngs(cfg.seed))
-
-    def export(model, run_dir):
-        save_reward_model(model, tokenizer, os.path.join(run_dir, "hf"))
-
-    return fit(
-        cfg,
-        model,
-        RewardTrainer(rm or RewardConfig()),
-        preference_batches(cfg, tokenizer),
-        mesh=mesh,
-        export=export,
-    )

@@ -14,8 +14,9 @@ from trl_reference import (
     soft_overlong_punishment,
 )
 
-from tandem.align.advantages import (
-    ADVANTAGES,
+from tandem.align import registry
+from tandem.align.logprobs import masked_whiten as our_whiten
+from tandem.align.rl.advantages import (
     dr_grpo_advantages,
     gae,
     get_advantage,
@@ -24,7 +25,6 @@ from tandem.align.advantages import (
     rloo_advantages,
     soft_overlong_penalty,
 )
-from tandem.align.logprobs import masked_whiten as our_whiten
 
 
 def close(actual, expected, rtol=2e-6, atol=1e-6):
@@ -74,7 +74,7 @@ def test_dr_grpo_and_rloo():
 
 
 def test_advantage_registry():
-    assert set(ADVANTAGES) == {"grpo", "dr_grpo", "rloo"}
+    assert set(registry.names("advantage")) == {"grpo", "dr_grpo", "rloo"}
     assert get_advantage("rloo") is rloo_advantages
     with pytest.raises(ValueError, match="known advantages: .*'grpo'"):
         get_advantage("ppo")

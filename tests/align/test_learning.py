@@ -108,7 +108,7 @@ def test_grpo_raises_the_reward_of_an_sfted_model(arithmetic):
 
 
 def test_ppo_raises_the_reward_of_an_sfted_model(arithmetic, tmp_path):
-    from tandem.align.ppo import train_ppo
+    from tandem.align.rl.ppo import train_ppo
 
     cfg = rl_config(arithmetic, tmp_path / "ppo", num_steps=30, batch_size=64)
     train_ppo(

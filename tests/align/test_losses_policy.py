@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from trl_reference import grpo_compute_loss, vllm_is_token_truncate
 
+from tandem.align import registry
 from tandem.align.losses import (
     DAPO,
     DEEPSEEKMATH_GRPO,
     DR_GRPO,
-    LOSSES,
     TRL_GRPO,
     PolicyLossConfig,
     get_loss,
@@ -309,6 +309,6 @@ def test_registry():
         "orpo",
         "bradley_terry",
         "sft",
-    } <= set(LOSSES)
+    } <= set(registry.names("loss"))
     with pytest.raises(ValueError, match="known losses: .*'dpo'.*'grpo'"):
         get_loss("gpro")

@@ -138,7 +138,7 @@ def test_resolve_reward_registry_factories_and_dotted_paths():
     here = __name__
     assert R.resolve_reward(f"{here}:length_reward") is length_reward
     assert R.resolve_reward(f"{here}.length_reward") is length_reward
-    assert R.resolve_reward("tandem.align.rewards.exact_match") is R.exact_match
+    assert R.resolve_reward("tandem.align.rl.rewards.exact_match") is R.exact_match
     scorer = R.resolve_reward(f"{here}:Scaled", scale=2.0)
     assert isinstance(scorer, Scaled) and scorer(["p"], ["abc"]) == [6.0]
     total, per_fn = R.combine_rewards([scorer], None, ["p"], ["ab"])

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tandem.align import rl
 from tandem.align.algo_configs import GRPOConfig, PPOConfig
 from tandem.align.data import synthetic_arithmetic
 from tandem.align.metrics_log import read_metrics
-from tandem.align.rollout import generate
+from tandem.align.rl import common
+from tandem.align.rl.rollout import generate
 from tandem.align.train_config import TrainConfig
 from tandem.configs import parse
 
@@ -55,13 +55,13 @@ def train_file(tmp_path_factory):
 def engines(monkeypatch):
     """The rollout engines the runs build."""
     built = []
-    make_engine = rl.make_engine
+    make_engine = common.make_engine
 
     def record(*args, **kwargs):
         built.append(make_engine(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(rl, "make_engine", record)
+    monkeypatch.setattr(common, "make_engine", record)
     return built
 
 
@@ -84,14 +84,14 @@ def train(algorithm: str, run_dir, train_file, mesh_shape):
     )
     try:
         if algorithm == "grpo":
-            from tandem.align.grpo import train_grpo
+            from tandem.align.rl.grpo import train_grpo
 
             rl_cfg = GRPOConfig(
                 group_size=4, max_prompt_length=8, max_completion_length=6, reward_funcs=(REWARD,)
             )
             result = train_grpo(cfg, rl_cfg)
         else:
-            from tandem.align.ppo import train_ppo
+            from tandem.align.rl.ppo import train_ppo
 
             # PPO also runs its frozen reference on the mesh.
             rl_cfg = PPOConfig(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tandem.align.rollout import (
+from tandem.align.rl.rollout import (
     PromptBatch,
     Rollouts,
     dynamic_sample,
@@ -197,7 +197,7 @@ def test_dynamic_sampling_keeps_informative_groups(engine):
 
 
 def test_dynamic_sampling_keeps_what_it_has_when_tries_run_out(engine, caplog):
-    with caplog.at_level(logging.WARNING, logger="tandem.align.rollout"):
+    with caplog.at_level(logging.WARNING, logger="tandem.align.rl.rollout"):
         s = dynamic_sample(
             engine,
             batches([["const"], ["vary", "const"], ["vary"]]),

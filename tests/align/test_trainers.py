@@ -103,7 +103,8 @@ def test_sft_changes_every_parameter_and_exports_hf(tmp_path, files):
 
 def test_dpo_and_reward_model_change_every_parameter(tmp_path, files):
     from tandem.align.dpo import train_dpo
-    from tandem.align.reward_model import load_reward_model, train_reward_model
+    from tandem.align.reward_model import load_reward_model
+    from tandem.align.reward_trainer import train_reward_model
 
     cfg = run_cfg(tmp_path / "dpo", files["preferences"])
     before = initial_params(cfg)
@@ -125,7 +126,7 @@ def test_dpo_and_reward_model_change_every_parameter(tmp_path, files):
     )
 
     # The saved reward model is a reward function: GRPO scores its rollouts with it.
-    from tandem.align.grpo import train_grpo
+    from tandem.align.rl.grpo import train_grpo
 
     cfg = run_cfg(tmp_path / "grpo_rm", files["arithmetic"], num_steps=1, max_length=32)
     rl = GRPOConfig(group_size=4, max_prompt_length=8, max_completion_length=4, reward_model=rm_dir)
@@ -179,7 +180,7 @@ def test_rl_trainers_change_every_parameter(tmp_path, files, algorithm):
     cfg = run_cfg(tmp_path, files["arithmetic"], max_length=32)
     before = initial_params(cfg)
     if algorithm == "grpo":
-        from tandem.align.grpo import train_grpo
+        from tandem.align.rl.grpo import train_grpo
 
         # With the KL term (so the reference pass runs), DAPO's dynamic sampling and its
         # soft overlong punishment over the last 2 tokens.
@@ -195,7 +196,7 @@ def test_rl_trainers_change_every_parameter(tmp_path, files, algorithm):
         result = train_grpo(cfg, rl_cfg)
         policy = nnx.state(result.module)
     else:
-        from tandem.align.ppo import train_ppo
+        from tandem.align.rl.ppo import train_ppo
 
         rl_cfg = PPOConfig(
             max_prompt_length=8, max_completion_length=6, reward_funcs=(reward,), num_ppo_epochs=2

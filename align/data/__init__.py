@@ -8,9 +8,10 @@
     state = it.get_state()           # JSON-serialisable; the checkpointer stores it
     it2 = iter(ds); it2.set_state(state)   # continues with exactly the same batches
 
-Layouts live in data_records.py, tokenisation in data_tokenize.py, packing in
-data_pack.py and the synthetic sets in data_synthetic.py; this module builds the
-pipeline and re-exports the public functions.
+Layouts live in records.py, tokenisation in tokenize.py, packing in pack.py and the
+synthetic sets in synthetic.py; this module builds the pipeline and re-exports the public
+functions. preference.py holds what DPO and reward models share: the iterator of tokenised
+pairs and their [2B, T] row layout.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from typing import Any
 import grain
 import numpy as np
 
-from tandem.align.data_pack import pack_examples
-from tandem.align.data_records import check_layout, read_records
-from tandem.align.data_synthetic import synthetic_arithmetic, synthetic_preferences
-from tandem.align.data_tokenize import tokenize_preference, tokenize_prompt, tokenize_sft
+from tandem.align.data.pack import pack_examples
+from tandem.align.data.records import check_layout, read_records
+from tandem.align.data.synthetic import synthetic_arithmetic, synthetic_preferences
+from tandem.align.data.tokenize import tokenize_preference, tokenize_prompt, tokenize_sft
 
 __all__ = [
     "check_layout",

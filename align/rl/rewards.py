@@ -10,7 +10,11 @@ function does not apply to this row" (TRL): `combine_rewards` skips it. A comple
 be a conversation (a list of {"role", "content"} messages); its last message is scored.
 
 Objects with `__call__` of that signature fit too (a reward model scorer that holds its
-params): put one in REWARDS or name its class by dotted path in a gin file.
+params): register one with `register_reward` or name its class by dotted path in a gin file.
+
+Rewards live in the registry under two categories: "reward" (reward functions) and
+"reward_factory" (functions that build one from keyword arguments, as `regex_format`); a
+name is taken in both at once, since `resolve_reward` looks in both.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from tandem.align import registry
+
 
 class RewardFn(Protocol):
     def __call__(
@@ -30,24 +36,12 @@ class RewardFn(Protocol):
     ) -> list[float | None]: ...
 
 
-REWARDS: dict[str, RewardFn] = {}
-"""Reward functions by name (what gin files and `resolve_reward` accept)."""
-
-REWARD_FACTORIES: dict[str, Callable[..., RewardFn]] = {}
-"""Names of functions that build a reward function from keyword arguments (`regex_format`)."""
-
-
 def register_reward(name: str, *, factory: bool = False):
-    """Decorator: adds a reward function (or a factory of one) under `name`."""
-
-    def add(fn):
-        table = REWARD_FACTORIES if factory else REWARDS
-        if name in REWARDS or name in REWARD_FACTORIES:
-            raise ValueError(f"a reward named {name!r} is already registered")
-        table[name] = fn
-        return fn
-
-    return add
+    """Decorator: adds a reward function (or a factory of one) under `name`, which must be
+    free in both reward categories."""
+    if name in registry.names("reward") + registry.names("reward_factory"):
+        raise ValueError(f"a reward named {name!r} is already registered")
+    return registry.register("reward_factory" if factory else "reward", name)
 
 
 # Verifiable rewards.
@@ -254,8 +248,8 @@ def reward_name(fn: Any) -> str:
 def resolve_reward(spec: str | Callable, **kwargs) -> RewardFn:
     """A reward fn from a name (what gin files hold):
 
-    - a REWARDS key ("math_answer");
-    - a REWARD_FACTORIES key, called with kwargs ("regex_format", pattern=...);
+    - a registered reward ("math_answer");
+    - a registered reward factory, called with kwargs ("regex_format", pattern=...);
     - an importable "package.module:function" or "package.module.function" (user code);
     - a callable, used as is.
 
@@ -267,22 +261,23 @@ def resolve_reward(spec: str | Callable, **kwargs) -> RewardFn:
         obj = spec
     elif not isinstance(spec, str) or not spec:
         raise ValueError(f"resolve_reward: expected a name or a callable, got {spec!r}")
-    elif spec in REWARDS:
+    elif spec in registry.names("reward"):
         if kwargs:
             raise ValueError(f"reward {spec!r} takes no arguments, got {sorted(kwargs)}")
-        return REWARDS[spec]
-    elif spec in REWARD_FACTORIES:
-        obj = REWARD_FACTORIES[spec]
+        return registry.get("reward", spec)
+    elif spec in registry.names("reward_factory"):
+        obj = registry.get("reward_factory", spec)
     elif ":" in spec or "." in spec:
         obj = _import(spec)
     else:
-        known = sorted(REWARDS) + sorted(REWARD_FACTORIES)
+        known = registry.names("reward") + registry.names("reward_factory")
         raise ValueError(
             f"unknown reward {spec!r}: not one of {known} nor a 'module.path:function' path"
         )
     if not callable(obj):
         raise ValueError(f"reward {spec!r} resolves to {obj!r}, which is not callable")
-    if isinstance(obj, type) or kwargs or (isinstance(spec, str) and spec in REWARD_FACTORIES):
+    is_factory = isinstance(spec, str) and spec in registry.names("reward_factory")
+    if isinstance(obj, type) or kwargs or is_factory:
         obj = obj(**kwargs)  # a class or a factory builds the reward fn
     if not callable(obj):
         raise ValueError(f"reward {spec!r} resolves to {obj!r}, which is not callable")

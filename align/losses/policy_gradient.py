@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 
 from tandem.align.logprobs import masked_mean
-from tandem.align.loss_aggregation import aggregate, check_agg
-from tandem.align.loss_kl import check_kl_estimator, kl_estimate
-from tandem.align.loss_registry import register
+from tandem.align.losses.aggregation import aggregate, check_agg
+from tandem.align.losses.kl import check_kl_estimator, kl_estimate
+from tandem.align.registry import register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,13 +33,13 @@ class PolicyLossConfig:
     """'token': rho_t = exp(lp - olp).
     'sequence' (GSPO): rho_i = exp(sum_t m (lp - olp) / max(sum_t m, 1)), one ratio per row."""
     loss_agg: str = "dapo"
-    """Aggregation: 'grpo', 'bnpo', 'dapo', 'dr_grpo' or 'seq_sum' (see loss_aggregation.py)."""
+    """Aggregation: 'grpo', 'bnpo', 'dapo', 'dr_grpo' or 'seq_sum' (see aggregation.py)."""
     max_completion_length: int | None = None
     """L of the Dr.GRPO constant denominator B * L; required for loss_agg='dr_grpo'."""
     beta: float = 0.0
     """KL coefficient. beta * KL_t is added to every token's loss and aggregated with it."""
     kl_estimator: str = "k3"
-    """'k1', 'k2' or 'k3' (see loss_kl.kl_estimate)."""
+    """'k1', 'k2' or 'k3' (see kl.kl_estimate)."""
     kl_clamp: float | None = None
     """Clamp the per-token KL to [-kl_clamp, kl_clamp] (veRL: 10). None: unclamped (TRL)."""
     log_ratio_clamp: float | None = None
@@ -100,7 +100,7 @@ def _batch_max(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.max(jnp.where(mask, x, 0.0))  # ratios are > 0, so 0 marks 'no token'
 
 
-@register("grpo")
+@register("loss", "grpo")
 def policy_gradient_loss(
     logps: jax.Array,
     old_logps: jax.Array,
@@ -124,7 +124,7 @@ def policy_gradient_loss(
         l_t     = min(l_t, -c * A)            where A < 0    (dual_clip = c)
         l_t     = l_t * min(exp(olp - elp), cap)             (tis_cap, engine logps elp)
         l_t     = l_t + beta * KL_t                          (beta != 0; KL from kl_estimate)
-        loss    = aggregate(l, m, loss_agg, normalizer)      (loss_aggregation.py)
+        loss    = aggregate(l, m, loss_agg, normalizer)      (aggregation.py)
 
     Pass `old_logps = jax.lax.stop_gradient(logps)` for the first (on-policy) update: rho is
     1 but the gradient flows, -A * m / denominator per token.

@@ -3,9 +3,14 @@
 Group layout (as TRL's RepeatSampler produces it): the `G` completions of one prompt are
 contiguous, so `rewards[p * G : (p + 1) * G]` is prompt p's group.
 
-ADVANTAGES holds the outcome (one reward per completion) estimators, all called as
-`fn(rewards f32[B], group_size, **options) -> f32[B]`; `get_advantage(name)` looks them up.
-GAE (PPO with a value head) has its own signature and is called directly.
+The outcome estimators (one reward per completion) are in the registry under the category
+"advantage", and every one is called the same way:
+
+    get_advantage(name)(rewards f32[B], group_size, scale=..., epsilon=...) -> f32[B]
+
+so a trainer never branches on the name. Only 'grpo' divides by a std; the others take
+`scale` and `epsilon` and leave them unused. GAE (PPO with a value head) has its own
+signature and is called directly.
 """
 
 from __future__ import annotations
@@ -15,29 +20,16 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from tandem.align.loss_kl import kl_estimate
+from tandem.align import registry
+from tandem.align.losses.kl import kl_estimate
+from tandem.align.registry import register
 
-ADVANTAGES: dict[str, Callable] = {}
 GROUP_SCALES = ("group", "batch", "none")
-
-
-def register_advantage(name: str) -> Callable[[Callable], Callable]:
-    """Decorator: file `fn` under `name` in ADVANTAGES."""
-
-    def add(fn: Callable) -> Callable:
-        if name in ADVANTAGES and ADVANTAGES[name] is not fn:
-            raise ValueError(f"advantage {name!r} is already registered")
-        ADVANTAGES[name] = fn
-        return fn
-
-    return add
 
 
 def get_advantage(name: str) -> Callable:
     """The registered advantage estimator `name`; a ValueError lists the known names otherwise."""
-    if name not in ADVANTAGES:
-        raise ValueError(f"unknown advantage {name!r}; known advantages: {sorted(ADVANTAGES)}")
-    return ADVANTAGES[name]
+    return registry.get("advantage", name)
 
 
 def _grouped(rewards: jax.Array, group_size: int) -> jax.Array:
@@ -59,7 +51,7 @@ def _std(centered: jax.Array, ddof: int) -> jax.Array:
     return jnp.sqrt(jnp.sum(jnp.square(centered), axis=-1, keepdims=True) / dof)
 
 
-@register_advantage("grpo")
+@register("advantage", "grpo")
 def group_advantages(
     rewards: jax.Array,
     group_size: int,
@@ -103,16 +95,24 @@ def group_advantages(
     return (centered / (std + epsilon)).reshape(-1)
 
 
-@register_advantage("dr_grpo")
-def dr_grpo_advantages(rewards: jax.Array, group_size: int) -> jax.Array:
-    """Dr.GRPO: A_i = r_i - mean_g r (no std division; removes the difficulty bias)."""
+@register("advantage", "dr_grpo")
+def dr_grpo_advantages(
+    rewards: jax.Array, group_size: int, *, scale: str = "group", epsilon: float = 1e-4
+) -> jax.Array:
+    """Dr.GRPO: A_i = r_i - mean_g r (no std division, so `scale` and `epsilon` do not apply;
+    removes the difficulty bias)."""
+    del scale, epsilon
     grouped = _grouped(rewards, group_size)  # [P, G]
     return (grouped - jnp.mean(grouped, axis=-1, keepdims=True)).reshape(-1)
 
 
-@register_advantage("rloo")
-def rloo_advantages(rewards: jax.Array, group_size: int) -> jax.Array:
-    """REINFORCE leave-one-out: A_i = r_i - (sum_j r_j - r_i) / (G - 1) = G/(G-1) (r_i - mean_g)."""
+@register("advantage", "rloo")
+def rloo_advantages(
+    rewards: jax.Array, group_size: int, *, scale: str = "group", epsilon: float = 1e-4
+) -> jax.Array:
+    """REINFORCE leave-one-out: A_i = r_i - (sum_j r_j - r_i) / (G - 1) = G/(G-1) (r_i - mean_g).
+    No std division, so `scale` and `epsilon` do not apply."""
+    del scale, epsilon
     if isinstance(group_size, int) and group_size < 2:
         raise ValueError(f"rloo needs group_size >= 2, got {group_size}")
     grouped = _grouped(rewards, group_size)  # [P, G]

@@ -17,8 +17,9 @@ from flax import nnx
 
 from tandem.align import data
 from tandem.align.logprobs import next_token_logprobs
-from tandem.align.rewards import combine_rewards, resolve_reward
-from tandem.align.rollout import Rollouts
+from tandem.align.reward_model import RewardModelScorer, load_reward_model
+from tandem.align.rl.rewards import combine_rewards, resolve_reward
+from tandem.align.rl.rollout import Rollouts
 from tandem.align.train_config import TrainConfig
 from tandem.serve.engine import Engine, EngineConfig
 
@@ -68,8 +69,6 @@ def prompt_iterator(cfg: TrainConfig, tokenizer, *, num_prompts: int, max_prompt
 def reward_functions(names, reward_model: str | None, tokenizer, max_length: int) -> list:
     fns = [resolve_reward(n) for n in names]
     if reward_model:
-        from tandem.align.reward_model import RewardModelScorer, load_reward_model
-
         fns.append(
             RewardModelScorer(load_reward_model(reward_model), tokenizer, max_length=max_length)
         )

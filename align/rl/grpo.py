@@ -14,13 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tandem.align import rl
-from tandem.align.advantages import get_advantage, soft_overlong_penalty
 from tandem.align.algo_configs import GRPOConfig
 from tandem.align.logprobs import next_token_entropy, next_token_logprobs
 from tandem.align.losses import get_loss, loss_denominator
 from tandem.align.policy import export_hf, frozen_copy, load_policy
-from tandem.align.rollout import PromptBatch, derive_seed, dynamic_sample, generate, to_batch
+from tandem.align.rl import common
+from tandem.align.rl.advantages import get_advantage, soft_overlong_penalty
+from tandem.align.rl.rollout import PromptBatch, derive_seed, dynamic_sample, generate, to_batch
 from tandem.align.train_config import TrainConfig
 from tandem.align.trainer import RunResult, build_mesh, fit
 
@@ -39,7 +39,7 @@ class GRPO:
         self.num_epochs = cfg.num_iterations
         self.num_prompts = train.batch_size // cfg.group_size
         self.max_length = cfg.max_prompt_length + cfg.max_completion_length
-        self.engine = rl.make_engine(
+        self.engine = common.make_engine(
             model,
             tokenizer,
             num_seqs=train.batch_size,
@@ -48,11 +48,11 @@ class GRPO:
             mesh=mesh,
         )
         graphdef, _ = nnx.split(model)
-        self._logps = rl.make_logps_fn(graphdef, cfg.temperature, mesh)
+        self._logps = common.make_logps_fn(graphdef, cfg.temperature, mesh)
         self.reference = reference
         if reference is not None:
             ref_graphdef, self.ref_state = nnx.split(reference)
-            self._ref_logps = rl.make_logps_fn(ref_graphdef, cfg.temperature, mesh)
+            self._ref_logps = common.make_logps_fn(ref_graphdef, cfg.temperature, mesh)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     # The jitted part.
@@ -94,7 +94,7 @@ class GRPO:
         )
 
     def _rewards(self, rollouts, rows):
-        rewards, metrics = rl.score(
+        rewards, metrics = common.score(
             rollouts, rows, self.tokenizer, self.fns, self.cfg.reward_weights
         )
         if self.cfg.overlong_cache_length:
@@ -156,23 +156,20 @@ class GRPO:
             get_advantage(self.cfg.advantage)(
                 jnp.asarray(usable),
                 group_size,
-                **(
-                    dict(scale=self.cfg.scale_rewards, epsilon=self.cfg.advantage_epsilon)
-                    if self.cfg.advantage == "grpo"
-                    else {}
-                ),
+                scale=self.cfg.scale_rewards,
+                epsilon=self.cfg.advantage_epsilon,
             )
         )
         advantages = np.where(np.isnan(rewards), 0.0, advantages).astype(np.float32)
-        old_logps, t_logps = rl.timed(self._logps, state.params, batch["tokens"])
+        old_logps, t_logps = common.timed(self._logps, state.params, batch["tokens"])
         batch["old_logps"] = old_logps * batch["completion_mask"]
         t_ref = 0.0
         if self.reference is not None and self.loss_cfg.beta:
-            ref, t_ref = rl.timed(self._ref_logps, self.ref_state, batch["tokens"])
+            ref, t_ref = common.timed(self._ref_logps, self.ref_state, batch["tokens"])
             batch["ref_logps"] = ref * batch["completion_mask"]
         batch["advantages"] = advantages
         grouped = usable.reshape(-1, group_size)
-        metrics.update(rl.rollout_metrics(rollouts, batch, rewards, batch["old_logps"]))
+        metrics.update(common.rollout_metrics(rollouts, batch, rewards, batch["old_logps"]))
         metrics.update(
             {
                 "frac_reward_zero_std": float(np.mean(grouped.std(axis=1) == 0)),
@@ -201,14 +198,14 @@ def train_grpo(cfg: TrainConfig, grpo: GRPOConfig | None = None) -> RunResult:
     model, tokenizer = load_policy(cfg, mesh)
     loss_cfg = grpo.loss_config()
     reference = frozen_copy(model) if loss_cfg.beta else None
-    fns = rl.reward_functions(
+    fns = common.reward_functions(
         grpo.reward_funcs,
         grpo.reward_model,
         tokenizer,
         grpo.max_prompt_length + grpo.max_completion_length,
     )
     algo = GRPO(grpo, cfg, model, tokenizer, reference, fns, mesh)
-    data_iter = rl.prompt_iterator(
+    data_iter = common.prompt_iterator(
         cfg, tokenizer, num_prompts=algo.num_prompts, max_prompt_length=grpo.max_prompt_length
     )
     return fit(cfg, model, algo, data_iter, mesh=mesh, export=export_hf(tokenizer))

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from tandem.align.data_records import (
+from tandem.align.data.records import (
     Messages,
     SftExample,
     TextPair,

@@ -14,13 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tandem.align import rl
-from tandem.align.advantages import gae, ppo_token_rewards
 from tandem.align.algo_configs import PPOConfig
 from tandem.align.logprobs import masked_whiten, next_token_entropy, next_token_logprobs
 from tandem.align.losses import get_loss
 from tandem.align.policy import export_hf, frozen_copy, load_policy
-from tandem.align.rollout import derive_seed, generate, to_batch
+from tandem.align.rl import common
+from tandem.align.rl.advantages import gae, ppo_token_rewards
+from tandem.align.rl.rollout import derive_seed, generate, to_batch
 from tandem.align.train_config import TrainConfig
 from tandem.align.trainer import RunResult, build_mesh, fit
 from tandem.model.transformer import Transformer
@@ -79,7 +79,7 @@ class PPO:
         self.num_epochs = cfg.num_ppo_epochs
         self.num_minibatches = cfg.num_mini_batches
         self.num_prompts = train.batch_size // cfg.group_size
-        self.engine = rl.make_engine(
+        self.engine = common.make_engine(
             model.policy,
             tokenizer,
             num_seqs=train.batch_size,
@@ -93,9 +93,9 @@ class PPO:
             logits, values = nnx.merge(graphdef, params)(tokens)
             return next_token_logprobs(logits, tokens, cfg.temperature), values
 
-        self._forward = rl.on_mesh(jax.jit(forward), mesh)
+        self._forward = common.on_mesh(jax.jit(forward), mesh)
         ref_graphdef, self.ref_state = nnx.split(reference)
-        self._ref_logps = rl.make_logps_fn(ref_graphdef, cfg.temperature, mesh)
+        self._ref_logps = common.make_logps_fn(ref_graphdef, cfg.temperature, mesh)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def loss(self, model, batch, normalizer, rng):
@@ -135,7 +135,7 @@ class PPO:
             temperature=cfg.temperature,
             seed=derive_seed(self.train.seed, step),
         )
-        scores, metrics = rl.score(
+        scores, metrics = common.score(
             rollouts,
             [records[g] for g in rollouts.group],
             self.tokenizer,
@@ -145,8 +145,10 @@ class PPO:
         scores = np.nan_to_num(scores, nan=0.0)
         batch = to_batch(rollouts, pad_id=self.pad_id, max_length=None)
         mask = batch["completion_mask"]
-        (old_logps, old_values), t_logps = rl.timed(self._forward, state.params, batch["tokens"])
-        ref_logps, t_ref = rl.timed(self._ref_logps, self.ref_state, batch["tokens"])
+        (old_logps, old_values), t_logps = common.timed(
+            self._forward, state.params, batch["tokens"]
+        )
+        ref_logps, t_ref = common.timed(self._ref_logps, self.ref_state, batch["tokens"])
         old_logps, ref_logps, old_values = old_logps * mask, ref_logps * mask, old_values * mask
         rewards = ppo_token_rewards(
             jnp.asarray(scores),
@@ -163,7 +165,7 @@ class PPO:
         advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
         advantages = masked_whiten(advantages, mask) * mask
         kl = np.asarray(old_logps - ref_logps)[mask > 0]
-        metrics.update(rl.rollout_metrics(rollouts, batch, scores, old_logps))
+        metrics.update(common.rollout_metrics(rollouts, batch, scores, old_logps))
         metrics.update(
             {
                 "score/mean": float(scores.mean()),
@@ -194,14 +196,14 @@ def train_ppo(cfg: TrainConfig, ppo: PPOConfig | None = None) -> RunResult:
     reference = frozen_copy(policy)
     # The value head is built on one device; `fit` places it on the mesh with the policy.
     model = ActorCritic(policy, rngs=nnx.Rngs(cfg.seed))
-    fns = rl.reward_functions(
+    fns = common.reward_functions(
         ppo.reward_funcs,
         ppo.reward_model,
         tokenizer,
         ppo.max_prompt_length + ppo.max_completion_length,
     )
     algo = PPO(ppo, cfg, model, tokenizer, reference, fns, mesh)
-    data_iter = rl.prompt_iterator(
+    data_iter = common.prompt_iterator(
         cfg, tokenizer, num_prompts=algo.num_prompts, max_prompt_length=ppo.max_prompt_length
     )
 

@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 
 from tandem.align.logprobs import masked_count
-from tandem.align.loss_aggregation import aggregate
-from tandem.align.loss_registry import register
+from tandem.align.losses.aggregation import aggregate
+from tandem.align.registry import register
 
 
-@register("sft")
+@register("loss", "sft")
 def sft_loss(
     logps: jax.Array,
     mask: jax.Array,

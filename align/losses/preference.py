@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from tandem.align.logprobs import average_logps, masked_count, masked_sum
-from tandem.align.loss_aggregation import divide
-from tandem.align.loss_registry import register
+from tandem.align.losses.aggregation import divide
+from tandem.align.registry import register
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
@@ -59,7 +59,7 @@ def _f32(*arrays):
     return [x.astype(jnp.float32) for x in arrays]
 
 
-@register("dpo")
+@register("loss", "dpo")
 def dpo_loss(
     chosen_logps: jax.Array,
     rejected_logps: jax.Array,
@@ -134,7 +134,7 @@ def dpo_loss(
     return _pair_mean(losses, normalizer), _reward_metrics(beta * s_w, beta * s_l)
 
 
-@register("simpo")
+@register("loss", "simpo")
 def simpo_loss(
     chosen_avg_logps: jax.Array,
     rejected_avg_logps: jax.Array,
@@ -173,7 +173,7 @@ def _log1m_exp(a: jax.Array) -> jax.Array:
     return jnp.log(-jnp.expm1(a))
 
 
-@register("orpo")
+@register("loss", "orpo")
 def orpo_loss(
     chosen_logps: jax.Array,
     chosen_mask: jax.Array,
@@ -233,7 +233,7 @@ def orpo_loss(
     return loss, metrics
 
 
-@register("bradley_terry")
+@register("loss", "bradley_terry")
 def bradley_terry_loss(
     chosen_rewards: jax.Array,
     rejected_rewards: jax.Array,

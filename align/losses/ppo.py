@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from tandem.align.logprobs import masked_mean
-from tandem.align.loss_aggregation import aggregate
-from tandem.align.loss_registry import register
+from tandem.align.losses.aggregation import aggregate
+from tandem.align.registry import register
 
 
 def _check_same(ref_name: str, ref: jax.Array, **arrays: jax.Array) -> None:
@@ -27,7 +27,7 @@ def _check_clip(clip: float) -> None:
         raise ValueError(f"clip must be > 0, got {clip}")
 
 
-@register("ppo_policy")
+@register("loss", "ppo_policy")
 def ppo_policy_loss(
     logps: jax.Array,
     old_logps: jax.Array,
@@ -74,7 +74,7 @@ def ppo_policy_loss(
     return loss, metrics
 
 
-@register("ppo_value")
+@register("loss", "ppo_value")
 def ppo_value_loss(
     values: jax.Array,
     old_values: jax.Array,
