@@ -11,35 +11,17 @@ from flax import nnx
 
 from tandem.align.train_config import TrainConfig
 from tandem.model.config import ModelConfig
-from tandem.model.sharding import create_sharded
+from tandem.model.loading import load
 from tandem.model.transformer import Transformer
 
 
 def load_policy(cfg: TrainConfig, mesh=None) -> tuple[Transformer, object]:
     """(model, tokenizer) for cfg.model: an HF directory, or '' for random weights from the
     ModelConfig the gin file binds, with the byte tokenizer."""
-    dtype = jnp.dtype(cfg.dtype)
-    if cfg.model:
-        from tandem.model.hf import load_model
-        from tandem.model.tokenizer import load_tokenizer
-
-        if not os.path.isdir(cfg.model):
-            raise FileNotFoundError(f"TrainConfig.model: {cfg.model}: no such directory")
-        return load_model(cfg.model, dtype=dtype, mesh=mesh), load_tokenizer(cfg.model)
-    from tandem.model.tokenizer import byte_tokenizer
-
-    model_cfg = ModelConfig()
-    tokenizer = byte_tokenizer()
-    if model_cfg.vocab_size < len(tokenizer):
-        raise ValueError(
-            f"ModelConfig.vocab_size ({model_cfg.vocab_size}) is smaller than the byte "
-            f"tokenizer's {len(tokenizer)} tokens"
-        )
-
-    def make():
-        return Transformer(model_cfg, dtype=dtype, rngs=nnx.Rngs(cfg.seed))
-
-    model = make() if mesh is None else create_sharded(make, mesh)
+    if cfg.model and not os.path.isdir(cfg.model):
+        raise FileNotFoundError(f"TrainConfig.model: {cfg.model}: no such directory")
+    source = cfg.model or ModelConfig()
+    model, tokenizer, _ = load(source, dtype=cfg.dtype, seed=cfg.seed, mesh=mesh)
     return model, tokenizer
 
 

@@ -106,15 +106,14 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    import jax.numpy as jnp
     from flax import nnx
 
     from tandem.bench.attention import memory_bandwidth
-    from tandem.model.transformer import Transformer
+    from tandem.model.loading import load
 
     # Before any engine takes most of the memory for KV pages.
     bandwidth = memory_bandwidth(5)["copy"]
-    model = Transformer(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(WEIGHT_SEED))
+    model, _, _ = load(cfg, dtype="bfloat16", seed=WEIGHT_SEED)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
     if model.lm_head is not None:
         # A decode step reads B rows of an untied input embedding, not the table.

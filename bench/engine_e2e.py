@@ -48,9 +48,9 @@ from tandem.bench.hf_generate import spawn_hf_peer
 from tandem.bench.workloads import WORKLOADS, Workload, fixed_workload, nanovllm_workload
 from tandem.configs import model_config_from_gin
 from tandem.model.hf import load_model
-from tandem.model.sharding import create_sharded, make_mesh
+from tandem.model.loading import load
+from tandem.model.sharding import make_mesh
 from tandem.model.tokenizer import byte_tokenizer
-from tandem.model.transformer import Transformer
 from tandem.serve.llm import LLM
 from tandem.serve.sampling_params import SamplingParams
 
@@ -171,11 +171,7 @@ def run_tandem(args, cfg, preset, workload, passes, checkpoint, work_dir) -> dic
     if os.path.isfile(os.path.join(checkpoint, "config.json")):
         model = load_model(checkpoint, dtype=jnp.bfloat16, mesh=mesh)  # the HF peer's weights
     else:
-
-        def make():
-            return Transformer(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(WEIGHT_SEED))
-
-        model = create_sharded(make, mesh) if mesh else make()
+        model, _, _ = load(cfg, dtype="bfloat16", seed=WEIGHT_SEED, mesh=mesh)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
     max_num_seqs = args.max_num_seqs or min(workload.num_seqs, MAX_NUM_SEQS_CAP)
     engine_kwargs = dict(

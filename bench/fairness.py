@@ -20,8 +20,8 @@ import sys
 import numpy as np
 
 from tandem.bench.common import add_flag, format_table
+from tandem.model.loading import load
 from tandem.serve.engine import Engine, EngineConfig
-from tandem.serve.llm import load_for_serving
 from tandem.serve.sampling_params import SamplingParams
 
 W_IN, W_OUT = 1.0, 2.0
@@ -130,7 +130,7 @@ def results_table(results: list[FairnessResult], title: str = "Fairness") -> str
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    model, tokenizer, _ = load_for_serving(args.model, seed=args.seed)
+    model, tokenizer, _ = load(args.model, seed=args.seed)
     results = [
         run_fairness(
             model,

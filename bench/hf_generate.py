@@ -97,15 +97,10 @@ def hf_generate(
 
 def save_random_checkpoint(model: str, checkpoint: str, *, seed: int, dtype: str) -> None:
     """tandem's random-weight Transformer of gin preset `model`, in HF format at `checkpoint`."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from tandem.configs import model_config_from_gin
     from tandem.model.hf import save_model
-    from tandem.model.transformer import Transformer
+    from tandem.model.loading import load
 
-    cfg = model_config_from_gin(model)
-    save_model(Transformer(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(seed)), checkpoint)
+    save_model(load(model, dtype=dtype, seed=seed)[0], checkpoint)
 
 
 def build_parser() -> argparse.ArgumentParser:

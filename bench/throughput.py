@@ -20,7 +20,8 @@ import numpy as np
 from flax import nnx
 
 from tandem.bench.common import add_flag, format_table, sample_lengths
-from tandem.serve.llm import LLM, load_for_serving, serving_config, tensor_parallel_mesh
+from tandem.model.loading import config_for, load
+from tandem.serve.llm import LLM, tensor_parallel_mesh
 from tandem.serve.sampling_params import SamplingParams
 
 BASELINE_BUCKET = 32
@@ -124,11 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     mesh = tensor_parallel_mesh(
-        serving_config(args.model), args.tensor_parallel_size, flag="--tensor-parallel-size"
+        config_for(args.model), args.tensor_parallel_size, flag="--tensor-parallel-size"
     )
-    model, tokenizer, name = load_for_serving(
-        args.model, dtype=args.dtype, seed=args.seed, mesh=mesh
-    )
+    model, tokenizer, name = load(args.model, dtype=args.dtype, seed=args.seed, mesh=mesh)
     llm = LLM(
         model,
         tokenizer,

@@ -1,8 +1,10 @@
 """Packaged gin files: model presets (models/*.gin) and sharding layouts (sharding/*.gin).
 
-`parse` is the one entry point that reads gin: it registers every tandem configurable and
+`parse` is the one entry point that reads gin: it registers the model's configurables and
 puts this folder on gin's search path, so `include 'models/llama3.2-1b.gin'` resolves from
-any working directory. Unknown bindings are errors, never skipped.
+any working directory. Unknown bindings are errors, never skipped. Training's configurables
+(TrainConfig, SFTConfig, ...) register when align's modules are imported, which the code
+that parses a train file does first (cli/train.py): this package imports nothing of align.
 """
 
 from __future__ import annotations
@@ -40,10 +42,9 @@ def config_path(name: str) -> str:
 
 @functools.cache
 def _register() -> None:
-    """Imports the modules that declare configurables and adds CONFIG_DIR to gin's search
-    path, once per process (gin keeps the search path in a list that never dedups)."""
-    import tandem.align.algo_configs  # noqa: F401  (SFTConfig, DPOConfig, GRPOConfig, ...)
-    import tandem.align.train_config  # noqa: F401  (TrainConfig)
+    """Imports the modules that declare the model's configurables and adds CONFIG_DIR to
+    gin's search path, once per process (gin keeps the search path in a list that never
+    dedups)."""
     import tandem.model  # noqa: F401  (registers ModelConfig)
     import tandem.model.sharding  # noqa: F401  (registers logical_rules, make_mesh)
 

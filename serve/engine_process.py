@@ -39,9 +39,9 @@ class EngineSpec:
     """What the engine process builds: everything here must pickle."""
 
     model_source: str
-    """An HF checkpoint directory or a gin preset (`load_for_serving`)."""
+    """An HF checkpoint directory or a gin preset (model/loading.py's `load`)."""
     dtype: str = "auto"
-    """The weights' dtype (serve/startup.py `resolve_dtype`)."""
+    """The weights' dtype (model/loading.py's `resolve_dtype`)."""
     seed: int = 0
     """Seeds a preset's random weights."""
     tensor_parallel_size: int = 1
@@ -58,21 +58,23 @@ class EngineSpec:
     """JAX's persistent compilation cache (serve/startup.py); the default when None."""
 
 
-def build_engine(spec: EngineSpec):
+def build_engine(spec: EngineSpec, mesh=None):
     """The `Engine` that `spec` describes, built on this process's devices (warmed up
-    as `spec.warm_up` says)."""
+    as `spec.warm_up` says). `mesh` (in process only): where the weights and KV pages
+    live, instead of the tensor mesh `spec.tensor_parallel_size` asks for."""
+    from tandem.model.loading import config_for, load
     from tandem.serve.engine import Engine, EngineConfig
-    from tandem.serve.llm import load_for_serving, serving_config, tensor_parallel_mesh
+    from tandem.serve.llm import tensor_parallel_mesh
     from tandem.serve.startup import enable_compilation_cache, warm_up_engine
 
     enable_compilation_cache(spec.compilation_cache_dir)
-
-    mesh = tensor_parallel_mesh(
-        serving_config(spec.model_source), spec.tensor_parallel_size, flag=spec.tensor_parallel_flag
-    )
-    model, tokenizer, name = load_for_serving(
-        spec.model_source, dtype=spec.dtype, seed=spec.seed, mesh=mesh
-    )
+    if mesh is None:
+        mesh = tensor_parallel_mesh(
+            config_for(spec.model_source),
+            spec.tensor_parallel_size,
+            flag=spec.tensor_parallel_flag,
+        )
+    model, tokenizer, name = load(spec.model_source, dtype=spec.dtype, seed=spec.seed, mesh=mesh)
     config = EngineConfig(**spec.engine_config)
     engine = Engine(model, tokenizer, config, model_name=spec.served_model_name or name, mesh=mesh)
     warm_up_engine(engine, spec.warm_up)
@@ -113,9 +115,9 @@ class ProcessEngine(EngineClient):
         output_writer.close()
         try:
             # Overlaps the child's start-up (the tokenizer needs no device).
-            from tandem.serve.llm import serving_tokenizer
+            from tandem.model.loading import tokenizer_for
 
-            self.tokenizer = serving_tokenizer(spec.model_source)
+            self.tokenizer = tokenizer_for(spec.model_source)
             self.model_name, self.max_model_len, self._stats = self._wait_ready(startup_timeout)
         except BaseException:
             self._process.kill()

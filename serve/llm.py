@@ -2,32 +2,22 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from tandem.model.config import ModelConfig
-from tandem.model.sharding import create_sharded, make_mesh, shard_model
+from tandem.model.loading import config_for, load
+from tandem.model.sharding import make_mesh, shard_model
 from tandem.model.transformer import Transformer
 from tandem.serve.engine import Engine, EngineConfig
 from tandem.serve.output import RequestOutput
 from tandem.serve.sampling_params import SamplingParams
-from tandem.serve.startup import resolve_dtype
 
-
-def serving_config(model: str) -> ModelConfig:
-    """The ModelConfig of an HF checkpoint directory or a gin preset, without loading weights."""
-    if os.path.isdir(model):
-        from tandem.model.hf import load_config
-
-        return load_config(model)
-    from tandem.configs import model_config_from_gin
-
-    return model_config_from_gin(model)
+# The old name, for align/quickstart.py until it imports tandem.model.loading.load (align/
+# is being reorganised by another change); the loader itself is model/loading.py's.
+load_for_serving = load
 
 
 def tensor_parallel_mesh(cfg: ModelConfig, size: int, *, flag: str = "tensor_parallel_size"):
@@ -52,49 +42,10 @@ def tensor_parallel_mesh(cfg: ModelConfig, size: int, *, flag: str = "tensor_par
     return make_mesh(data=1, fsdp=1, tensor=size, devices=devices[:size])
 
 
-def serving_tokenizer(model: str):
-    """The tokenizer `load_for_serving` pairs with `model`: an HF checkpoint directory's
-    own, the byte tokenizer for a gin preset. Needs no device (a front end process)."""
-    if os.path.isdir(model):
-        from tandem.model.tokenizer import load_tokenizer
-
-        return load_tokenizer(model)
-    from tandem.model.tokenizer import byte_tokenizer
-
-    return byte_tokenizer()
-
-
-def load_for_serving(model, *, dtype="auto", seed: int = 0, mesh=None):
-    """(model, tokenizer, name) from an HF checkpoint directory or a gin preset (random
-    weights and the byte tokenizer: for demos and tests). With `mesh`, the weights are
-    created or loaded straight into their shards (a preset's random weights are those of
-    the unsharded build, up to float rounding)."""
-    dtype = resolve_dtype(dtype, model)
-    if isinstance(model, str) and os.path.isdir(model):
-        from tandem.model.hf import load_model
-
-        return (
-            load_model(model, dtype=jnp.dtype(dtype), mesh=mesh),
-            serving_tokenizer(model),
-            os.path.basename(os.path.normpath(model)),
-        )
-    if isinstance(model, ModelConfig):  # a preset with its overrides applied
-        cfg, name = model, model.model_type
-    else:
-        cfg = serving_config(model)
-        name = os.path.splitext(os.path.basename(model))[0]
-
-    def make():
-        return Transformer(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(seed))
-
-    transformer = make() if mesh is None else create_sharded(make, mesh)
-    return transformer, serving_tokenizer(model if isinstance(model, str) else ""), name
-
-
 class LLM:
     def __init__(
         self,
-        model: str | Transformer,
+        model: str | ModelConfig | Transformer,
         tokenizer=None,
         *,
         dtype="auto",
@@ -111,18 +62,12 @@ class LLM:
         if tensor_parallel_size != 1:
             if mesh is not None:
                 raise ValueError("LLM: give mesh or tensor_parallel_size, not both")
-            cfg = (
-                serving_config(model)
-                if isinstance(model, str)
-                else model
-                if isinstance(model, ModelConfig)
-                else model.config
-            )
+            cfg = model.config if isinstance(model, Transformer) else config_for(model)
             mesh = tensor_parallel_mesh(cfg, tensor_parallel_size)
             if isinstance(model, Transformer):
                 model = shard_model(model, mesh)
         if not isinstance(model, Transformer):
-            model, tokenizer, name = load_for_serving(model, dtype=dtype, seed=seed, mesh=mesh)
+            model, tokenizer, name = load(model, dtype=dtype, seed=seed, mesh=mesh)
         self.engine = Engine(
             model, tokenizer, EngineConfig(**engine_config), model_name=name, mesh=mesh
         )

@@ -126,6 +126,31 @@ def test_tensor_parallel_flag_takes_vllm_spelling_too(command):
         assert args.tensor_parallel_size == 2
 
 
+def test_train_takes_repeated_gin_files_and_bindings_in_order():
+    from tandem.cli.main import build_parser
+
+    argv = ["train", "dpo", "--gin_file", "a.gin", "--gin_param", "X.y=1", "--gin_file", "b.gin"]
+    args = build_parser().parse_args(argv + ["--gin_param", "X.y=2"])
+    assert (args.algorithm, args.gin_file, args.gin_param) == (
+        "dpo",
+        ["a.gin", "b.gin"],
+        ["X.y=1", "X.y=2"],
+    )
+    with pytest.raises(SystemExit):  # an algorithm tandem does not train, or no gin file
+        build_parser().parse_args(["train", "sgd", "--gin_file", "a.gin"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "sft"])
+
+
+def test_serve_api_keys_come_from_flags_and_the_environment():
+    """`--api_key KEY[=OWNER]` (repeatable) and $TANDEM_API_KEYS, comma-separated; a key
+    without an owner is the default VTC client's."""
+    from tandem.cli.serve import api_keys
+
+    keys = api_keys(["k1", "k2=alice"], "k3=bob,k4,")
+    assert keys == {"k1": "default", "k2": "alice", "k3": "bob", "k4": "default"}
+
+
 @pytest.mark.parametrize(
     "size,message",
     [

@@ -7,6 +7,10 @@ import os
 import gin
 import pytest
 
+# train/*.gin bind align's configurables, which register when imported (`tandem train`
+# imports them before it parses; configs/ imports nothing of align).
+import tandem.align.algo_configs  # noqa: F401
+import tandem.align.train_config  # noqa: F401
 from tandem import configs
 from tandem.model.config import ModelConfig, from_hf_config, to_hf_config
 

@@ -11,9 +11,10 @@ from flax import nnx
 
 from tandem.bench import throughput
 from tandem.model import Transformer
+from tandem.model.loading import config_for
 from tandem.model.sharding import make_mesh
 from tandem.model.tokenizer import byte_tokenizer
-from tandem.serve.llm import LLM, serving_config
+from tandem.serve.llm import LLM
 from tandem.serve.sampling_params import SamplingParams
 
 PRESET = "models/tiny.gin"
@@ -37,7 +38,7 @@ def test_tensor_parallel_llm_equals_one_device(one_device, source):
     if source == "preset":
         llm = LLM(PRESET, tensor_parallel_size=2, **ENGINE)
     else:  # the preset's weights, built here and sharded by LLM
-        model = Transformer(serving_config(PRESET), rngs=nnx.Rngs(0))
+        model = Transformer(config_for(PRESET), rngs=nnx.Rngs(0))
         llm = LLM(model, byte_tokenizer(), tensor_parallel_size=2, **ENGINE)
     mesh = llm.engine.mesh
     assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 2}

@@ -1,29 +1,10 @@
-"""Defaults that reach the hardware, checked where a CPU can: --dtype auto, the
-compilation cache folder, and the prompt forms LLM.generate takes."""
-
-import json
+"""Defaults that reach the hardware, checked where a CPU can: the compilation cache folder,
+and the prompt forms LLM.generate takes (--dtype auto: tests/model/test_loading.py)."""
 
 import jax
 import pytest
 
-from tandem.serve.startup import enable_compilation_cache, resolve_dtype
-
-
-def test_dtype_auto_takes_the_checkpoints_own(tmp_path):
-    for key, stored in (("torch_dtype", "bfloat16"), ("dtype", "float16"), ("dtype", "float32")):
-        (tmp_path / "config.json").write_text(json.dumps({key: stored}))
-        assert resolve_dtype("auto", str(tmp_path)) == stored
-    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "int8"}))
-    with pytest.raises(ValueError, match="config.json: unsupported dtype 'int8'"):
-        resolve_dtype("auto", str(tmp_path))
-    assert resolve_dtype("bfloat16", str(tmp_path)) == "bfloat16"  # an explicit choice wins
-
-
-def test_dtype_auto_for_a_preset_is_float32_on_a_cpu_and_bad_names_are_refused():
-    assert jax.default_backend() == "cpu"
-    assert resolve_dtype("auto", "models/tiny.gin") == "float32"
-    with pytest.raises(ValueError, match="dtype must be one of"):
-        resolve_dtype("fp8", "models/tiny.gin")
+from tandem.serve.startup import enable_compilation_cache
 
 
 def test_compilation_cache_is_off_on_a_cpu_unless_asked(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import sys
@@ -16,6 +17,23 @@ TRAINERS = {
 }
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("algorithm", choices=list(TRAINERS))
+    parser.add_argument(
+        "--gin_file", action="append", required=True, help="a train config (repeatable)"
+    )
+    parser.add_argument(
+        "--gin_param",
+        action="append",
+        default=[],
+        help="a gin binding on top, e.g. TrainConfig.num_steps=10 (repeatable)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_train(args.algorithm, args.gin_file, args.gin_param)
+
+
 def resolve_gin_file(name: str) -> str:
     """A path on disk, or a packaged name such as 'train/sft_tiny.gin'."""
     if os.path.isfile(name):
@@ -26,6 +44,9 @@ def resolve_gin_file(name: str) -> str:
 
 
 def run_train(algorithm: str, gin_files: list[str], bindings: list[str]) -> int:
+    # Imported before parsing: importing them registers align's configurables (TrainConfig,
+    # SFTConfig, DPOConfig, ...) with gin, which configs/ leaves to the code that trains.
+    import tandem.align.algo_configs  # noqa: F401
     from tandem.align.checkpoint import CheckpointError
     from tandem.align.train_config import TrainConfig
     from tandem.align.trainer import TrainingDiverged
