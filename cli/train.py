@@ -10,10 +10,10 @@ import sys
 # algorithm -> (module, train function, its config class)
 TRAINERS = {
     "sft": ("tandem.align.sft", "train_sft", "SFTConfig"),
-    "rm": ("tandem.align.reward_model", "train_reward_model", "RewardConfig"),
+    "rm": ("tandem.align.reward_trainer", "train_reward_model", "RewardConfig"),
     "dpo": ("tandem.align.dpo", "train_dpo", "DPOConfig"),
-    "ppo": ("tandem.align.ppo", "train_ppo", "PPOConfig"),
-    "grpo": ("tandem.align.grpo", "train_grpo", "GRPOConfig"),
+    "ppo": ("tandem.align.rl.ppo", "train_ppo", "PPOConfig"),
+    "grpo": ("tandem.align.rl.grpo", "train_grpo", "GRPOConfig"),
 }
 
 
