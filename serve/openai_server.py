@@ -61,14 +61,14 @@ def build_app(
 ) -> FastAPI:
     """The FastAPI app. `api_keys`: keys, or a dict key -> owner (the default VTC client
     of the key's requests); empty turns authentication off."""
-    server = OpenAIHandlers(async_engine, model_name or async_engine.model_name)
+    handlers = OpenAIHandlers(async_engine, model_name or async_engine.model_name)
     app = FastAPI(title="tandem", docs_url=None, redoc_url=None, openapi_url=None)
     keys = dict(api_keys) if isinstance(api_keys, Mapping) else dict.fromkeys(api_keys, "default")
     if keys:
         app.add_middleware(_ApiKeyMiddleware, keys=keys)
 
     def fail(e: APIError) -> JSONResponse:
-        server.metrics.errors.labels(str(e.status)).inc()
+        handlers.metrics.errors.labels(str(e.status)).inc()
         return error_response(e)
 
     @app.exception_handler(APIError)
@@ -90,15 +90,15 @@ def build_app(
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        return await server.completions(req, request)
+        return await handlers.completions(req, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        return await server.chat(req, request)
+        return await handlers.chat(req, request)
 
     @app.get("/v1/models")
     async def models():
-        card = ModelCard(id=server.model_name, max_model_len=async_engine.max_model_len)
+        card = ModelCard(id=handlers.model_name, max_model_len=async_engine.max_model_len)
         return ModelList(data=[card]).model_dump()
 
     @app.get("/health")
@@ -109,7 +109,7 @@ def build_app(
 
     @app.get("/metrics")
     async def metrics():
-        return Response(server.metrics.render(), media_type=CONTENT_TYPE)
+        return Response(handlers.metrics.render(), media_type=CONTENT_TYPE)
 
     return app
 
