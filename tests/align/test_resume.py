@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 
 from tandem.align.data import synthetic_arithmetic
 
-STEPS = 300
+STEPS = 100
 ARGS = [
     "--gin_file",
     "train/sft_tiny.gin",
