@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from tandem.align import rewards as R
+from tandem.align.rl import rewards as R
 
 
 def length_reward(prompts, completions, **_):
