@@ -38,13 +38,16 @@ def on_accelerator() -> bool:
 
 
 def is_checkpoint(source: str) -> bool:
-    """A checkpoint directory, or a path meant as one (so that a miss names it as such).
-    A gin preset ends in .gin or is the name of a packaged one ("tiny")."""
+    """True for a checkpoint directory, False for a gin preset (a .gin file, or the name of
+    a packaged one such as "tiny"); FileNotFoundError for a source that is neither, named
+    as the checkpoint directory it was meant to be."""
     if os.path.isdir(source):
         return True
     if os.path.isfile(source) or source.endswith(".gin"):
         return False
-    return not os.path.isfile(os.path.join(CONFIG_DIR, "models", f"{source}.gin"))
+    if os.path.isfile(os.path.join(CONFIG_DIR, "models", f"{source}.gin")):
+        return False
+    raise FileNotFoundError(f"{source}: no such checkpoint directory")
 
 
 def config_for(source: str | ModelConfig) -> ModelConfig:
@@ -52,7 +55,7 @@ def config_for(source: str | ModelConfig) -> ModelConfig:
     if isinstance(source, ModelConfig):
         return source
     if is_checkpoint(source):
-        return load_config(source)  # names a missing or bad checkpoint directory
+        return load_config(source)  # names a bad checkpoint directory
     return model_config_from_gin(source)
 
 

@@ -20,6 +20,7 @@ The tokenizer of the HTTP layer is loaded in the parent from the same source.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import multiprocessing
@@ -114,11 +115,14 @@ class ProcessEngine(EngineClient):
         command_reader.close()
         output_writer.close()
         try:
-            # Overlaps the child's start-up (the tokenizer needs no device).
             from tandem.model.loading import tokenizer_for
 
-            self.tokenizer = tokenizer_for(spec.model_source)
-            self.model_name, self.max_model_len, self._stats = self._wait_ready(startup_timeout)
+            # Loaded while the child starts (the tokenizer needs no device). A source both
+            # fail on raises the child's error: it has the engine's traceback.
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                tokenizer = pool.submit(tokenizer_for, spec.model_source)
+                self.model_name, self.max_model_len, self._stats = self._wait_ready(startup_timeout)
+                self.tokenizer = tokenizer.result()
         except BaseException:
             self._process.kill()
             self._process.join()

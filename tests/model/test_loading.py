@@ -13,17 +13,17 @@ from tandem.model.hf import save_model
 from tandem.model.loading import config_for, is_checkpoint, load, resolve_dtype
 
 
-def test_a_source_is_a_checkpoint_unless_it_names_a_gin_preset(tmp_path):
+def test_a_source_is_a_checkpoint_directory_or_a_gin_preset(tmp_path):
+    assert is_checkpoint(str(tmp_path))
     for preset in ("tiny", "models/tiny.gin", "anything.gin"):
         assert not is_checkpoint(preset)
     gin_file = tmp_path / "my_model"  # a gin file on disk, whatever its name
     gin_file.write_text("ModelConfig.num_layers = 1\n")
     assert not is_checkpoint(str(gin_file))
-    # A miss is named as the checkpoint directory it was meant to be.
-    for checkpoint in (str(tmp_path), "/nonexistent/ckpt", "Qwen2.5-0.5B"):
-        assert is_checkpoint(checkpoint)
-    with pytest.raises(ValueError, match="/nonexistent/ckpt: no such checkpoint directory"):
-        config_for("/nonexistent/ckpt")
+    # Anything else is named as the checkpoint directory it was meant to be.
+    for missing in ("/nonexistent/ckpt", "Qwen2.5-0.5B"):
+        with pytest.raises(FileNotFoundError, match=f"{missing}: no such checkpoint directory"):
+            config_for(missing)
 
 
 def test_dtype_auto_takes_the_checkpoints_own(tmp_path):
