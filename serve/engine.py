@@ -33,14 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tandem.model.kv_cache import KV_AXES
-from tandem.model.sharding import named_sharding
 from tandem.model.transformer import Transformer
 from tandem.paged_cache import BlockManager
 from tandem.serve.buckets import bucket_for
 from tandem.serve.engine_config import EngineConfig, QueueFullError, num_kv_pages
 from tandem.serve.model_runner import ModelRunner
-from tandem.serve.output import RequestOutput, TokenLogprob
+from tandem.serve.output import RequestOutput
 from tandem.serve.prompt_logprobs import record_prompt_logprobs
 from tandem.serve.request_outputs import request_outputs
 from tandem.serve.sampler import needs_full_sampler
@@ -100,16 +98,6 @@ class Engine:
             ),
             self.blocks,
         )
-        kv_sharding = None
-        if mesh is not None:
-            # Spelled as jit hands sharded outputs back (no trailing Nones): the pages a
-            # step returns must match the ones it was compiled for, or the next step of
-            # the same shapes compiles again.
-            shape = (num_pages, config.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
-            spec = list(named_sharding(mesh, KV_AXES, shape).spec)
-            while spec and spec[-1] is None:
-                spec.pop()
-            kv_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
         self.runner = ModelRunner(
             model,
             num_pages=num_pages,
@@ -119,7 +107,6 @@ class Engine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_decode_steps=config.num_decode_steps,
             kv_dtype=kv_dtype,
-            kv_sharding=kv_sharding,
             mesh=mesh,
             seed=config.seed,
         )
@@ -213,10 +200,7 @@ class Engine:
                 f"update_params: {len(self.requests)} requests are unfinished; their KV came "
                 "from the old weights (finish or abort them first)"
             )
-        _check_same_tree(self.runner.params, params)
-        if self.mesh is not None:
-            params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, self.params))
-        self.runner.params = params
+        self.runner.set_params(params)
         self.blocks.reset_prefix_cache()
         self.num_param_updates += 1
 
@@ -339,38 +323,13 @@ class Engine:
         those appended (none for a sequence that finished or was aborted meanwhile)."""
         if seq.status == Status.FINISHED or not len(produced):
             return []
-        params, request = seq.request.params, seq.request
         first = not seq.output_token_ids
-        accepted = []
-        reason = None
-        check_strings = bool(params.stop) and seq.stops is not None
-        for j, token in enumerate(produced.tolist()):
-            seq.output_token_ids.append(token)
-            accepted.append(token)
-            if seq.logprobs is not None:
-                k = params.logprobs
-                top = list(
-                    zip(
-                        result.top_ids[j, row, :k].tolist(),
-                        result.top_logprobs[j, row, :k].tolist(),
-                    )
-                )
-                seq.logprobs.append(TokenLogprob(token, float(result.logprobs[j, row]), top))
-            if (not params.ignore_eos and token in self._eos) or token in params.stop_token_ids:
-                reason = "stop"
-            if check_strings and seq.stops.append(seq.output_token_ids, reason is not None):
-                reason = "stop"
-            if reason is None and seq.num_known_tokens >= seq.max_num_tokens:
-                reason = "length"
-            if reason is not None:
-                break
+        accepted, reason = seq.append_until_stop(produced.tolist(), result, row, self._eos)
         if first and seq.index == 0:
-            request.num_cached_tokens = seq.num_cached_tokens
+            seq.request.num_cached_tokens = seq.num_cached_tokens
             self.num_prompt_tokens += len(seq.prompt_token_ids)
             self.num_cached_prompt_tokens += seq.num_cached_tokens
         if reason is not None:
-            if check_strings and reason == "length":
-                seq.stops.flush()
             self.scheduler.finish(seq, reason)
         return accepted
 
@@ -439,24 +398,3 @@ class Engine:
 
 def _is_full(seqs: list[Sequence]) -> bool:
     return any(needs_full_sampler(s.request.params) for s in seqs)
-
-
-def _check_same_tree(old, new) -> None:
-    """Raises ValueError naming the first leaf path where `new` differs from `old` (a leaf
-    missing or extra, another shape or dtype) or, failing that, if the structures differ."""
-    flat = jax.tree_util.tree_flatten_with_path
-    old_leaves = {jax.tree_util.keystr(p): x for p, x in flat(old)[0]}
-    new_leaves = {jax.tree_util.keystr(p): x for p, x in flat(new)[0]}
-    for path in list(old_leaves) + [p for p in new_leaves if p not in old_leaves]:
-        if path not in new_leaves:
-            raise ValueError(f"update_params: {path} is missing from the new params")
-        if path not in old_leaves:
-            raise ValueError(f"update_params: {path} is not a parameter of the served model")
-        a, b = old_leaves[path], new_leaves[path]
-        if np.shape(a) != np.shape(b) or jnp.result_type(a) != jnp.result_type(b):
-            raise ValueError(
-                f"update_params: {path} is {jnp.result_type(b)}{list(np.shape(b))}, "
-                f"the served model's is {jnp.result_type(a)}{list(np.shape(a))}"
-            )
-    if jax.tree.structure(old) != jax.tree.structure(new):
-        raise ValueError("update_params: the new params' tree structure differs")

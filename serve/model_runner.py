@@ -29,8 +29,8 @@ import numpy as np
 from flax import nnx
 
 from tandem.model.attention_metadata import AttentionMetadata
-from tandem.model.kv_cache import copy_blocks, init_kv_cache
-from tandem.model.sharding import mesh_context
+from tandem.model.kv_cache import KV_AXES, copy_blocks, init_kv_cache
+from tandem.model.sharding import mesh_context, named_sharding
 from tandem.model.transformer import Transformer
 from tandem.serve import device_batch as db
 from tandem.serve.buckets import power_of_two_buckets
@@ -124,7 +124,6 @@ class ModelRunner:
         max_num_batched_tokens: int,
         max_decode_steps: int,
         kv_dtype,
-        kv_sharding=None,
         mesh=None,
         seed: int = 0,
     ):
@@ -150,7 +149,8 @@ class ModelRunner:
             place = jax.sharding.SingleDeviceSharding(
                 next(iter(jax.tree.leaves(self.params)[0].devices()))
             )
-        self.kv = init_kv_cache(cfg, num_pages, page_size, kv_dtype, kv_sharding or place)
+        kv_sharding = place if mesh is None else _kv_sharding(mesh, cfg, num_pages, page_size)
+        self.kv = init_kv_cache(cfg, num_pages, page_size, kv_dtype, kv_sharding)
         batch = db.init_device_batch(max_num_seqs, pages_per_seq, cfg.vocab_size)
         self.batch = jax.device_put(batch, place)
         self._key = jax.random.key(seed)
@@ -158,6 +158,16 @@ class ModelRunner:
         self._write_pages = jax.jit(db.write_pages, donate_argnums=(0,))
         self._add_penalty_tokens = jax.jit(db.add_penalty_tokens, donate_argnums=(0,))
         self._copy_blocks = jax.jit(copy_blocks, donate_argnums=(0,))
+
+    def set_params(self, params: nnx.State) -> None:
+        """Serves `params` from the next call on, by reference (`Engine.update_params`).
+        On a mesh they take the runner's own shardings: a train step hands back equivalent
+        ones spelled its own way, which jit would key as new input types and compile again;
+        `device_put` onto an equivalent sharding moves no data."""
+        check_same_tree(self.params, params)
+        if self.mesh is not None:
+            params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, self.params))
+        self.params = params
 
     # Diffs to the persistent state (applied in call order on device).
 
@@ -243,6 +253,38 @@ class ModelRunner:
         if entries:
             out[: len(entries)] = entries
         return out
+
+
+def check_same_tree(old, new) -> None:
+    """Raises ValueError naming the first leaf path where `new` differs from `old` (a leaf
+    missing or extra, another shape or dtype) or, failing that, if the structures differ."""
+    flat = jax.tree_util.tree_flatten_with_path
+    old_leaves = {jax.tree_util.keystr(p): x for p, x in flat(old)[0]}
+    new_leaves = {jax.tree_util.keystr(p): x for p, x in flat(new)[0]}
+    for path in list(old_leaves) + [p for p in new_leaves if p not in old_leaves]:
+        if path not in new_leaves:
+            raise ValueError(f"update_params: {path} is missing from the new params")
+        if path not in old_leaves:
+            raise ValueError(f"update_params: {path} is not a parameter of the served model")
+        a, b = old_leaves[path], new_leaves[path]
+        if np.shape(a) != np.shape(b) or jnp.result_type(a) != jnp.result_type(b):
+            raise ValueError(
+                f"update_params: {path} is {jnp.result_type(b)}{list(np.shape(b))}, "
+                f"the served model's is {jnp.result_type(a)}{list(np.shape(a))}"
+            )
+    if jax.tree.structure(old) != jax.tree.structure(new):
+        raise ValueError("update_params: the new params' tree structure differs")
+
+
+def _kv_sharding(mesh, cfg, num_pages: int, page_size: int):
+    """The KV pages sharded on kv heads, spelled as jit hands sharded outputs back (no
+    trailing Nones): the pages a step returns must match the ones it was compiled for, or
+    the next step of the same shapes compiles again."""
+    shape = (num_pages, page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
+    spec = list(named_sharding(mesh, KV_AXES, shape).spec)
+    while spec and spec[-1] is None:
+        spec.pop()
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
 
 
 class _Graph:

@@ -94,3 +94,36 @@ class Sequence:
     @property
     def is_decoding(self) -> bool:
         return self.num_generated > 0 and self.num_pending_tokens == 1
+
+    def append_until_stop(self, produced: list[int], result, row: int, eos: set[int]):
+        """Appends the tokens the device produced (a StepResult's column `row`, steps in
+        order) up to and including the first that ends the sequence; returns (the tokens
+        appended, the finish reason or None). The one place a stop is decided on the host:
+        stop ids and EOS (as the device decided too), stop strings (text past a stop is
+        never emitted) and the length cap."""
+        params = self.request.params
+        check_strings = bool(params.stop) and self.stops is not None
+        accepted, reason = [], None
+        for j, token in enumerate(produced):
+            self.output_token_ids.append(token)
+            accepted.append(token)
+            if self.logprobs is not None:
+                k = params.logprobs
+                top = list(
+                    zip(
+                        result.top_ids[j, row, :k].tolist(),
+                        result.top_logprobs[j, row, :k].tolist(),
+                    )
+                )
+                self.logprobs.append(TokenLogprob(token, float(result.logprobs[j, row]), top))
+            if (not params.ignore_eos and token in eos) or token in params.stop_token_ids:
+                reason = "stop"
+            if check_strings and self.stops.append(self.output_token_ids, reason is not None):
+                reason = "stop"
+            if reason is None and self.num_known_tokens >= self.max_num_tokens:
+                reason = "length"
+            if reason is not None:
+                break
+        if check_strings and reason == "length":
+            self.stops.flush()
+        return accepted, reason
