@@ -66,12 +66,12 @@ def serve_one_request(model_dir: str, prompt: str) -> str:
     import httpx
     import uvicorn
 
+    from tandem.model.loading import load
     from tandem.serve.async_engine import AsyncEngine
     from tandem.serve.engine import Engine, EngineConfig
-    from tandem.serve.llm import load_for_serving
     from tandem.serve.openai_server import build_app
 
-    model, tokenizer, name = load_for_serving(model_dir)
+    model, tokenizer, name = load(model_dir)
     engine = Engine(model, tokenizer, EngineConfig(num_pages=64, max_num_seqs=8), model_name=name)
     async_engine = AsyncEngine(engine)
     with socket.socket() as s:

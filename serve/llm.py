@@ -15,10 +15,6 @@ from tandem.serve.engine import Engine, EngineConfig
 from tandem.serve.output import RequestOutput
 from tandem.serve.sampling_params import SamplingParams
 
-# The old name, for align/quickstart.py until it imports tandem.model.loading.load (align/
-# is being reorganised by another change); the loader itself is model/loading.py's.
-load_for_serving = load
-
 
 def tensor_parallel_mesh(cfg: ModelConfig, size: int, *, flag: str = "tensor_parallel_size"):
     """The mesh (data 1, fsdp 1, tensor `size`) over the first `size` devices that splits
