@@ -36,6 +36,7 @@ from tandem.model.hf import (
 )
 from tandem.model.safetensors_io import CheckpointError, read_safetensors, write_safetensors
 from tandem.model.transformer import Transformer
+from tandem.serve.buckets import power_of_two_at_least
 
 SCORE_FILE = "score.safetensors"  # the head in tandem's earlier layout: {"score": [D]}
 ARCHITECTURES = {
@@ -187,7 +188,7 @@ class RewardModelScorer:
             for p, c in zip(prompts, completions)
         ]
         # Widths are powers of two (at least 8), so few distinct shapes compile.
-        width = max(8, 1 << (max(len(x) for x in ids) - 1).bit_length())
+        width = power_of_two_at_least(max(len(x) for x in ids), 8)
         # Right padding is never attended (the mask is causal) and never scored.
         tokens = np.zeros((len(ids), width), np.int32)  # [B, T]
         for i, row in enumerate(ids):

@@ -26,8 +26,6 @@ import dataclasses
 from collections.abc import Hashable, Sequence
 from typing import NamedTuple
 
-import numpy as np
-
 from tandem.paged_cache.block_hash import BlockHash, Namespace, hash_block_tokens, hash_full_blocks
 from tandem.paged_cache.block_pool import BlockPool, NoFreeBlocksError
 
@@ -98,24 +96,6 @@ class BlockManager:
     def block_table(self, seq_id: SeqId, start: int = 0) -> list[int]:
         """Physical block of each of the sequence's logical blocks from `start` (a copy)."""
         return self._get(seq_id).block_table[start:]
-
-    def slot(self, seq_id: SeqId, position: int) -> int:
-        """Flat KV slot of token `position`: block * block_size + offset in the block."""
-        seq = self._get(seq_id)
-        if not 0 <= position < len(seq.token_ids):
-            raise ValueError(f"position {position} is outside seq {seq_id!r}'s tokens")
-        block_index, offset = divmod(position, self.block_size)
-        return seq.block_table[block_index] * self.block_size + offset
-
-    def slot_mapping(self, seq_id: SeqId, start: int, stop: int) -> np.ndarray:
-        """Slots of positions [start, stop), i32[stop - start]; what a step writes K/V to."""
-        seq = self._get(seq_id)
-        if not 0 <= start <= stop <= len(seq.token_ids):
-            raise ValueError(f"[{start}, {stop}) is outside seq {seq_id!r}'s tokens")
-        positions = np.arange(start, stop)
-        block_table = np.asarray(seq.block_table, dtype=np.int32)
-        blocks = block_table[positions // self.block_size]
-        return (blocks * self.block_size + positions % self.block_size).astype(np.int32)
 
     # Allocate: a new sequence's prompt.
 

@@ -53,9 +53,6 @@ class BlockPool:
         """A copy of the prefix-cache index, hash -> block id (used and free blocks)."""
         return dict(self._hash_to_block)
 
-    def is_cached(self, block_id: int) -> bool:
-        return block_id in self._block_to_hash
-
     def lookup(self, block_hash: BlockHash) -> int | None:
         """The block holding `block_hash`'s content, or None on a miss. Does not claim it."""
         return self._hash_to_block.get(block_hash)

@@ -13,6 +13,12 @@ def power_of_two_buckets(limit: int, minimum: int) -> list[int]:
     return out + [limit]
 
 
+def power_of_two_at_least(n: int, minimum: int = 1) -> int:
+    """The smallest power of two >= `n`, and at least `minimum`: a padded size when the
+    sizes are open-ended (a batch's longest row, a diff's entries)."""
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
 def bucket_for(n: int, buckets: list[int]) -> int:
     """The smallest bucket that holds `n`; ValueError when none does."""
     for b in buckets:

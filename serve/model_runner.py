@@ -33,7 +33,7 @@ from tandem.model.kv_cache import KV_AXES, copy_blocks, init_kv_cache
 from tandem.model.sharding import mesh_context, named_sharding
 from tandem.model.transformer import Transformer
 from tandem.serve import device_batch as db
-from tandem.serve.buckets import power_of_two_buckets
+from tandem.serve.buckets import power_of_two_at_least, power_of_two_buckets
 from tandem.serve.sampler import sample
 from tandem.serve.sampling_params import MAX_LOGPROBS
 
@@ -248,7 +248,7 @@ class ModelRunner:
         return key
 
     def _entries(self, entries) -> np.ndarray:
-        n = max(MIN_ENTRIES, 1 << (max(len(entries), 1) - 1).bit_length())
+        n = power_of_two_at_least(len(entries), MIN_ENTRIES)
         out = np.full((n, 3), [self.num_slots, 0, 0], np.int32)
         if entries:
             out[: len(entries)] = entries

@@ -21,6 +21,7 @@ from tandem.align.reward_model import RewardModelScorer, load_reward_model
 from tandem.align.rl.rewards import combine_rewards, resolve_reward
 from tandem.align.rl.rollout import Rollouts
 from tandem.align.train_config import TrainConfig
+from tandem.serve.buckets import power_of_two_at_least
 from tandem.serve.engine import Engine, EngineConfig
 
 PROMPT_KEYS = ("prompt", "prompt_ids")
@@ -45,7 +46,7 @@ def make_engine(
         max_model_len=pages_per_seq * page_size,
         max_num_seqs=num_seqs,
         # Every running sequence decodes one token per step, so the budget holds them all.
-        max_num_batched_tokens=max(256, num_seqs, 1 << (max_len - 1).bit_length()),
+        max_num_batched_tokens=max(num_seqs, power_of_two_at_least(max_len, 256)),
         enable_prefix_caching=True,
         seed=seed,
     )

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
+from tandem.serve.buckets import power_of_two_at_least
 from tandem.serve.engine import Engine
 from tandem.serve.sampling_params import SamplingParams
 
@@ -173,7 +174,7 @@ def to_batch(
     lengths = [len(p) + len(c) for p, c in zip(rollouts.prompt_ids, rollouts.completion_ids)]
     longest = max(lengths, default=1)
     if max_length is None:
-        max_length = max(16, 1 << (longest - 1).bit_length())
+        max_length = power_of_two_at_least(longest, 16)
     elif longest > max_length:
         row = next(i for i, n in enumerate(lengths) if n > max_length)
         raise ValueError(
