@@ -38,12 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from tandem.bench.common import add_flag
-from tandem.bench.device_time import device_seconds
+from tandem.bench.device_time import device_seconds, matmul_rate, memory_bandwidth
 from tandem.pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference
 
 PEERS = ("triton", "xla", "cudnn")
 L2_BYTES = 50 * 2**20
-COPY_BYTES = 4 * 2**30
 
 
 def _ints(text: str) -> list[int]:
@@ -62,31 +61,6 @@ def time_call(fn, args, *, samples: int, inner: int) -> float:
         jax.block_until_ready(out)
         times.append((time.perf_counter() - start) / inner)
     return statistics.median(times)
-
-
-def memory_bandwidth(calls: int) -> dict[str, float]:
-    """Bytes/s measured on COPY_BYTES of data by device time: `copy` is the best of three
-    device copies (an XLA memcpy, bf16 x + 1, f32 x * 2; bytes read + bytes written),
-    `read` a bf16 sum (bytes read). The kernel's figure is compared with the copy, as the
-    issue asks, and with the read, which is what a decode kernel does."""
-    x = jnp.ones((COPY_BYTES // 2,), jnp.bfloat16)
-    y = jnp.ones((COPY_BYTES // 4,), jnp.float32)
-    copies = [
-        (jax.jit(lambda a: a.copy()), x),
-        (jax.jit(lambda a: a + 1), x),
-        (jax.jit(lambda a: a * 2), y),
-    ]
-    copy = max(2 * a.nbytes / device_seconds(f, (a,), calls=calls) for f, a in copies)
-    total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
-    read = x.nbytes / device_seconds(total, (x,), calls=calls)
-    return dict(copy=copy, read=read)
-
-
-def matmul_rate(calls: int, n: int = 8192) -> float:
-    """bf16 FLOP/s of an n x n x n matrix product (f32 accumulation), by device time."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(jnp.bfloat16)
-    return 2 * n**3 / device_seconds(jax.jit(jnp.matmul), (a, b), calls=calls)
 
 
 def launch_floor(args) -> dict[str, float]:

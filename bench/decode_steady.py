@@ -12,7 +12,7 @@ hits). Prefill and start-up are the same in both, so
 is the time of one decode step of B sequences. The hardware limit of that step reads the
 weights once and the K and V of every sequence at its mean context, input_len +
 (N1 + N2) / 2, at the copy bandwidth measured here before the engine takes memory for KV
-pages (bench/attention.py). Each row prints step / roofline (the target: <= 1.15 at B=1,
+pages (bench/device_time.py). Each row prints step / roofline (the target: <= 1.15 at B=1,
 <= 1.25 at B=128 and 256); a table of every row comes last.
 """
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from flax import nnx
 
-    from tandem.bench.attention import memory_bandwidth
+    from tandem.bench.device_time import memory_bandwidth
     from tandem.model.loading import load
 
     # Before any engine takes most of the memory for KV pages.

@@ -1,5 +1,7 @@
 """Device time of a jitted call: how long the GPU is busy running its kernels, read from a
-JAX profiler trace (the kernel records CUPTI writes into the device's plane).
+JAX profiler trace (the kernel records CUPTI writes into the device's plane); and the
+hardware's rates measured by it in the same run (copy and read bandwidth, bf16 matmul
+FLOP/s), the roofline every benchmark divides by.
 
 Wall-clock time per call also counts what the host spends launching kernels. Where
 launches are slow (on the benchmark VM a trivial elementwise op in a chain of calls costs
@@ -16,7 +18,10 @@ import os
 import tempfile
 
 import jax
+import jax.numpy as jnp
 from jax.profiler import ProfileData
+
+COPY_BYTES = 4 * 2**30
 
 
 def kernel_intervals(data: ProfileData, device: str = "/device:GPU:0") -> list[tuple[int, int]]:
@@ -55,3 +60,28 @@ def device_seconds(fn, args, *, calls: int) -> float:
             raise RuntimeError(f"expected one .xplane.pb under {trace_dir}, found {paths}")
         data = ProfileData.from_file(paths[0])
     return busy_ns(kernel_intervals(data)) / calls / 1e9
+
+
+def memory_bandwidth(calls: int) -> dict[str, float]:
+    """Bytes/s measured on COPY_BYTES of data by device time: `copy` is the best of three
+    device copies (an XLA memcpy, bf16 x + 1, f32 x * 2; bytes read + bytes written),
+    `read` a bf16 sum (bytes read). The kernel's figure is compared with the copy, as the
+    issue asks, and with the read, which is what a decode kernel does."""
+    x = jnp.ones((COPY_BYTES // 2,), jnp.bfloat16)
+    y = jnp.ones((COPY_BYTES // 4,), jnp.float32)
+    copies = [
+        (jax.jit(lambda a: a.copy()), x),
+        (jax.jit(lambda a: a + 1), x),
+        (jax.jit(lambda a: a * 2), y),
+    ]
+    copy = max(2 * a.nbytes / device_seconds(f, (a,), calls=calls) for f, a in copies)
+    total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+    read = x.nbytes / device_seconds(total, (x,), calls=calls)
+    return dict(copy=copy, read=read)
+
+
+def matmul_rate(calls: int, n: int = 8192) -> float:
+    """bf16 FLOP/s of an n x n x n matrix product (f32 accumulation), by device time."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(jnp.bfloat16)
+    return 2 * n**3 / device_seconds(jax.jit(jnp.matmul), (a, b), calls=calls)

@@ -15,7 +15,7 @@ A model preset with random bf16 weights serves a workload through `LLM.generate`
 It prints output and total tokens/s, and the roofline: prefill at the bf16 matmul rate (2
 FLOPs per weight per prompt token) plus, for every decode step, the weights and the KV of
 the sequences still producing at that step, at the copy bandwidth, both rates measured here
-by device time (bench/attention.py), split over `--tensor-parallel-size` GPUs. A profiled
+by device time (bench/device_time.py), split over `--tensor-parallel-size` GPUs. A profiled
 pass gives the GPU busy time (the union of kernel intervals, bench/device_time.py): busy
 far below wall means the host, not the GPU, sets the pace.
 
@@ -41,9 +41,8 @@ import numpy as np
 from flax import nnx
 from jax.profiler import ProfileData
 
-from tandem.bench.attention import matmul_rate, memory_bandwidth
 from tandem.bench.common import add_flag, format_table
-from tandem.bench.device_time import busy_ns, kernel_intervals
+from tandem.bench.device_time import busy_ns, kernel_intervals, matmul_rate, memory_bandwidth
 from tandem.bench.hf_generate import spawn_hf_peer
 from tandem.bench.workloads import WORKLOADS, Workload, fixed_workload, nanovllm_workload
 from tandem.configs import model_config_from_gin
