@@ -153,7 +153,8 @@ class ModelRunner:
         self.kv = init_kv_cache(cfg, num_pages, page_size, kv_dtype, kv_sharding)
         batch = db.init_device_batch(max_num_seqs, pages_per_seq, cfg.vocab_size)
         self.batch = jax.device_put(batch, place)
-        self._key = jax.random.key(seed)
+        # Split inside each call (no dispatch of its own): the call returns the next key.
+        self._key = jax.device_put(jax.random.key(seed), place)
         self._set_slots = jax.jit(db.set_slots, donate_argnums=(0,))
         self._write_pages = jax.jit(db.write_pages, donate_argnums=(0,))
         self._add_penalty_tokens = jax.jit(db.add_penalty_tokens, donate_argnums=(0,))
@@ -198,8 +199,8 @@ class ModelRunner:
         bucket). A slot stops on device at its stop ids and length cap and produces
         nothing after; the caller plans no slot past its cap."""
         with mesh_context(self.mesh):
-            self.kv, self.batch, result = _decode_jit(
-                self.params, self.kv, self.batch, self._next_key(), graphdef=self.graphdef,
+            self.kv, self.batch, result, self._key = _decode_jit(
+                self.params, self.kv, self.batch, self._key, graphdef=self.graphdef,
                 page_size=self.page_size, num_steps=num_steps, num_slots=num_slots,
                 num_top=num_top, is_full=is_full,
             )  # fmt: skip
@@ -211,8 +212,8 @@ class ModelRunner:
         """One step; with `want_logits` also f32[T, V], the logits of every token."""
         num_tokens = inputs.token_ids.shape[0]
         with mesh_context(self.mesh):
-            self.kv, self.batch, result, logits = _mixed_jit(
-                self.params, self.kv, self.batch, self._next_key(), inputs.pack(),
+            self.kv, self.batch, result, logits, self._key = _mixed_jit(
+                self.params, self.kv, self.batch, self._key, inputs.pack(),
                 graphdef=self.graphdef, page_size=self.page_size, num_tokens=num_tokens,
                 num_top=num_top, is_full=is_full, want_logits=want_logits,
             )  # fmt: skip
@@ -242,10 +243,6 @@ class ModelRunner:
     def num_compiles(self) -> int:
         """Step compilations in this process (shared by runners of one architecture)."""
         return _decode_jit._cache_size() + _mixed_jit._cache_size()
-
-    def _next_key(self) -> jax.Array:
-        self._key, key = jax.random.split(self._key)
-        return key
 
     def _entries(self, entries) -> np.ndarray:
         n = power_of_two_at_least(len(entries), MIN_ENTRIES)
@@ -310,6 +307,7 @@ def _start_copy(result: StepResult) -> StepResult:
 
 def _decode(params, kv, batch, key, *, graphdef, page_size, num_steps, num_slots, num_top, is_full):
     model = nnx.merge(graphdef.graphdef, params)
+    next_key, key = jax.random.split(key)
     slots = jnp.arange(num_slots, dtype=jnp.int32)
     out = StepResult(
         jnp.full((num_steps, num_slots), -1, jnp.int32),
@@ -337,12 +335,13 @@ def _decode(params, kv, batch, key, *, graphdef, page_size, num_steps, num_slots
     # A counted loop: the trip count is static, so the GPU never waits on the host to
     # read a loop predicate between steps (a while_loop on a device value would).
     kv, batch, out = jax.lax.fori_loop(0, num_steps, body, (kv, batch, out))
-    return kv, batch, out
+    return kv, batch, out, next_key
 
 
 def _mixed(params, kv, batch, key, packed, *, graphdef, page_size, num_tokens, num_top,
            is_full, want_logits):  # fmt: skip
     model = nnx.merge(graphdef.graphdef, params)
+    next_key, key = jax.random.split(key)
     num_slots = batch.active.shape[0]
     inp = MixedInputs.unpack(packed, num_tokens, num_slots)
     safe = jnp.minimum(inp.token_slots, num_slots - 1)
@@ -374,7 +373,7 @@ def _mixed(params, kv, batch, key, packed, *, graphdef, page_size, num_tokens, n
         res.top_ids[None],
         res.top_logprobs[None],
     )
-    return kv, batch, out, (model.logits(x) if want_logits else None)
+    return kv, batch, out, (model.logits(x) if want_logits else None), next_key
 
 
 # Module-level, keyed on the model's graph: engines of the same architecture and shapes
