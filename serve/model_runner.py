@@ -139,7 +139,10 @@ class ModelRunner:
         # device at its own cap, so rounding up to k only idles rows).
         self.step_buckets = sorted({1, max_decode_steps})
         graphdef, self.params = nnx.split(model)
-        self.graphdef = _interned(graphdef)
+        # The calls take the weights as flat leaves (flattening an nnx.State costs 0.7 ms of
+        # Python per call here; a list, microseconds), rebuilt inside from the treedef.
+        self._leaves, treedef = jax.tree.flatten(self.params)
+        self.graphdef = _interned(graphdef, treedef)
         if mesh is not None:
             # Replicated, spelled as jit hands it back, so each call reuses its compilation.
             place = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -153,8 +156,7 @@ class ModelRunner:
         self.kv = init_kv_cache(cfg, num_pages, page_size, kv_dtype, kv_sharding)
         batch = db.init_device_batch(max_num_seqs, pages_per_seq, cfg.vocab_size)
         self.batch = jax.device_put(batch, place)
-        # Split inside each call (no dispatch of its own): the call returns the next key.
-        self._key = jax.device_put(jax.random.key(seed), place)
+        self._key = jax.random.key(seed)
         self._set_slots = jax.jit(db.set_slots, donate_argnums=(0,))
         self._write_pages = jax.jit(db.write_pages, donate_argnums=(0,))
         self._add_penalty_tokens = jax.jit(db.add_penalty_tokens, donate_argnums=(0,))
@@ -169,6 +171,7 @@ class ModelRunner:
         if self.mesh is not None:
             params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, self.params))
         self.params = params
+        self._leaves = jax.tree.leaves(params)
 
     # Diffs to the persistent state (applied in call order on device).
 
@@ -199,8 +202,8 @@ class ModelRunner:
         bucket). A slot stops on device at its stop ids and length cap and produces
         nothing after; the caller plans no slot past its cap."""
         with mesh_context(self.mesh):
-            self.kv, self.batch, result, self._key = _decode_jit(
-                self.params, self.kv, self.batch, self._key, graphdef=self.graphdef,
+            self.kv, self.batch, result = _decode_jit(
+                self._leaves, self.kv, self.batch, self._next_key(), graphdef=self.graphdef,
                 page_size=self.page_size, num_steps=num_steps, num_slots=num_slots,
                 num_top=num_top, is_full=is_full,
             )  # fmt: skip
@@ -212,8 +215,8 @@ class ModelRunner:
         """One step; with `want_logits` also f32[T, V], the logits of every token."""
         num_tokens = inputs.token_ids.shape[0]
         with mesh_context(self.mesh):
-            self.kv, self.batch, result, logits, self._key = _mixed_jit(
-                self.params, self.kv, self.batch, self._key, inputs.pack(),
+            self.kv, self.batch, result, logits = _mixed_jit(
+                self._leaves, self.kv, self.batch, self._next_key(), inputs.pack(),
                 graphdef=self.graphdef, page_size=self.page_size, num_tokens=num_tokens,
                 num_top=num_top, is_full=is_full, want_logits=want_logits,
             )  # fmt: skip
@@ -238,6 +241,10 @@ class ModelRunner:
         self.copy_blocks([(0, 0)])
         jax.block_until_ready((self.kv, self.batch))
         return time.perf_counter() - start
+
+    def _next_key(self) -> jax.Array:
+        self._key, key = jax.random.split(self._key)
+        return key
 
     @property
     def num_compiles(self) -> int:
@@ -285,18 +292,23 @@ def _kv_sharding(mesh, cfg, num_pages: int, page_size: int):
 
 
 class _Graph:
-    """A model graph as a static jit argument: hashed by identity (a GraphDef hashes its
-    whole structure, a millisecond per call), one object per distinct graph."""
+    """A model graph (and its params' treedef) as a static jit argument: hashed by
+    identity (a GraphDef hashes its whole structure, a millisecond per call), one object
+    per distinct graph."""
 
-    def __init__(self, graphdef):
+    def __init__(self, graphdef, treedef):
         self.graphdef = graphdef
+        self.treedef = treedef
+
+    def merge(self, leaves) -> Transformer:
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))
 
 
 _GRAPHS: dict = {}
 
 
-def _interned(graphdef) -> _Graph:
-    return _GRAPHS.setdefault(graphdef, _Graph(graphdef))
+def _interned(graphdef, treedef) -> _Graph:
+    return _GRAPHS.setdefault((graphdef, treedef), _Graph(graphdef, treedef))
 
 
 def _start_copy(result: StepResult) -> StepResult:
@@ -306,8 +318,7 @@ def _start_copy(result: StepResult) -> StepResult:
 
 
 def _decode(params, kv, batch, key, *, graphdef, page_size, num_steps, num_slots, num_top, is_full):
-    model = nnx.merge(graphdef.graphdef, params)
-    next_key, key = jax.random.split(key)
+    model = graphdef.merge(params)
     slots = jnp.arange(num_slots, dtype=jnp.int32)
     out = StepResult(
         jnp.full((num_steps, num_slots), -1, jnp.int32),
@@ -335,13 +346,12 @@ def _decode(params, kv, batch, key, *, graphdef, page_size, num_steps, num_slots
     # A counted loop: the trip count is static, so the GPU never waits on the host to
     # read a loop predicate between steps (a while_loop on a device value would).
     kv, batch, out = jax.lax.fori_loop(0, num_steps, body, (kv, batch, out))
-    return kv, batch, out, next_key
+    return kv, batch, out
 
 
 def _mixed(params, kv, batch, key, packed, *, graphdef, page_size, num_tokens, num_top,
            is_full, want_logits):  # fmt: skip
-    model = nnx.merge(graphdef.graphdef, params)
-    next_key, key = jax.random.split(key)
+    model = graphdef.merge(params)
     num_slots = batch.active.shape[0]
     inp = MixedInputs.unpack(packed, num_tokens, num_slots)
     safe = jnp.minimum(inp.token_slots, num_slots - 1)
@@ -373,7 +383,7 @@ def _mixed(params, kv, batch, key, packed, *, graphdef, page_size, num_tokens, n
         res.top_ids[None],
         res.top_logprobs[None],
     )
-    return kv, batch, out, (model.logits(x) if want_logits else None), next_key
+    return kv, batch, out, (model.logits(x) if want_logits else None)
 
 
 # Module-level, keyed on the model's graph: engines of the same architecture and shapes
