@@ -21,6 +21,7 @@ from tandem.align.reward_model import RewardModelScorer, load_reward_model
 from tandem.align.rl.rewards import combine_rewards, resolve_reward
 from tandem.align.rl.rollout import Rollouts
 from tandem.align.train_config import TrainConfig
+from tandem.model.sharding import mesh_context
 from tandem.serve.buckets import power_of_two_at_least
 from tandem.serve.engine import Engine, EngineConfig
 
@@ -93,13 +94,13 @@ def score(
 
 
 def on_mesh(fn, mesh):
-    """`fn` called under `jax.set_mesh(mesh)` (the activation layout the train step uses), or
+    """`fn` called under `mesh_context(mesh)` (the activation layout the train step uses);
     `fn` itself without a mesh."""
     if mesh is None:
         return fn
 
     def call(*args):
-        with jax.set_mesh(mesh):
+        with mesh_context(mesh):
             return fn(*args)
 
     return call
