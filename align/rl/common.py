@@ -68,12 +68,14 @@ def prompt_iterator(cfg: TrainConfig, tokenizer, *, num_prompts: int, max_prompt
     return iter(dataset)
 
 
-def reward_functions(names, reward_model: str | None, tokenizer, max_length: int) -> list:
-    fns = [resolve_reward(n) for n in names]
-    if reward_model:
-        fns.append(
-            RewardModelScorer(load_reward_model(reward_model), tokenizer, max_length=max_length)
-        )
+def reward_functions(algo_cfg, tokenizer) -> list:
+    """The rewards a GRPO or PPO config names: its `reward_funcs`, then its `reward_model`
+    scoring prompt + completion (at most max_prompt_length + max_completion_length)."""
+    fns = [resolve_reward(n) for n in algo_cfg.reward_funcs]
+    if algo_cfg.reward_model:
+        max_length = algo_cfg.max_prompt_length + algo_cfg.max_completion_length
+        model = load_reward_model(algo_cfg.reward_model)
+        fns.append(RewardModelScorer(model, tokenizer, max_length=max_length))
     if not fns:
         raise ValueError("no reward: set `reward_funcs` and/or `reward_model` in the config")
     return fns

@@ -198,12 +198,7 @@ def train_grpo(cfg: TrainConfig, grpo: GRPOConfig | None = None) -> RunResult:
     model, tokenizer = load_policy(cfg, mesh)
     loss_cfg = grpo.loss_config()
     reference = frozen_copy(model) if loss_cfg.beta else None
-    fns = common.reward_functions(
-        grpo.reward_funcs,
-        grpo.reward_model,
-        tokenizer,
-        grpo.max_prompt_length + grpo.max_completion_length,
-    )
+    fns = common.reward_functions(grpo, tokenizer)
     algo = GRPO(grpo, cfg, model, tokenizer, reference, fns, mesh)
     data_iter = common.prompt_iterator(
         cfg, tokenizer, num_prompts=algo.num_prompts, max_prompt_length=grpo.max_prompt_length

@@ -196,12 +196,7 @@ def train_ppo(cfg: TrainConfig, ppo: PPOConfig | None = None) -> RunResult:
     reference = frozen_copy(policy)
     # The value head is built on one device; `fit` places it on the mesh with the policy.
     model = ActorCritic(policy, rngs=nnx.Rngs(cfg.seed))
-    fns = common.reward_functions(
-        ppo.reward_funcs,
-        ppo.reward_model,
-        tokenizer,
-        ppo.max_prompt_length + ppo.max_completion_length,
-    )
+    fns = common.reward_functions(ppo, tokenizer)
     algo = PPO(ppo, cfg, model, tokenizer, reference, fns, mesh)
     data_iter = common.prompt_iterator(
         cfg, tokenizer, num_prompts=algo.num_prompts, max_prompt_length=ppo.max_prompt_length
