@@ -40,7 +40,9 @@ def load_hf_model(model_dir: str, *, dtype, device: str):
     model = transformers.AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=dtype, attn_implementation="sdpa"
     )
-    return model.to(device).eval()
+    # `.to(dtype)` as well: a transformers release that does not know `dtype=` ignores it
+    # and loads float32, which would time another model than the engine's.
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def hf_generate(
@@ -169,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         pad_token_id=pad,
     )
     device_name = torch.cuda.get_device_name(model.device) if on_cuda else args.device
+    model_dtype, attn = model.dtype, model.config._attn_implementation
     del model
     if on_cuda:
         torch.cuda.empty_cache()
@@ -181,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": batch_size,
         "setup_s": setup,
         "device": device_name,
+        "dtype": str(model_dtype),
+        "attn_implementation": attn,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }

@@ -19,9 +19,56 @@ MAX_LOGPROBS = 20
 # "scaled": at temperature != 1 raw logprobs make importance ratios pi_new / pi_old wrong.
 LOGPROBS_MODES = ("raw", "scaled")
 
+# OpenAI's logit_bias range.
+MAX_LOGIT_BIAS = 100.0
+
 # Temperatures below this are greedy, as in vLLM: dividing logits by a near-zero
 # temperature only turns sampling into a numerically fragile argmax.
 GREEDY_EPS = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredOutput:
+    """What a completion must match (vLLM's structured outputs): exactly one field set.
+    Kept hashable: a schema is its JSON text, choices a tuple."""
+
+    json: str | None = None
+    """A JSON schema, as JSON text (`json.dumps` of the schema object)."""
+    json_object: bool = False
+    """Any JSON object (OpenAI's `response_format: {"type": "json_object"}`)."""
+    regex: str | None = None
+    """The whole completion matches this regular expression."""
+    choice: tuple[str, ...] | None = None
+    """The completion is exactly one of these strings."""
+    grammar: str | None = None
+    """A context-free grammar: Lark, or EBNF (GBNF) as vLLM accepts it."""
+
+    def __post_init__(self):
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+        kinds = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        kinds += ["json_object"] if self.json_object else []
+        if len(kinds) != 1:
+            raise ValueError(
+                "structured output takes exactly one of json, json_object, regex, choice, "
+                f"grammar; got {kinds or 'none'}"
+            )
+        for k in ("json", "regex", "grammar"):
+            v = getattr(self, k)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise ValueError(f"structured output: {k} must be a non-empty string")
+        if self.choice is not None and (
+            not self.choice or not all(isinstance(c, str) and c for c in self.choice)
+        ):
+            raise ValueError(
+                "structured output: choice must be a non-empty list of non-empty strings"
+            )
+
+    @property
+    def kind(self) -> str:
+        return next(
+            k for k in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, k)
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +117,19 @@ class SamplingParams:
     """Keep the matched stop string at the end of the text."""
     skip_special_tokens: bool = True
     """Detokenize without special tokens."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits before sampling, bias in [-100, 100]
+    (OpenAI's; a dict {id: bias} is accepted and stored sorted as pairs)."""
+    min_tokens: int = 0
+    """EOS and stop token ids cannot be sampled before this many tokens (vLLM's; HF's
+    min_new_tokens). Stop strings still apply."""
+    bad_words: tuple[tuple[int, ...], ...] = ()
+    """Token id sequences never generated (vLLM's bad_words, tokenized by the caller):
+    the last token of each is banned whenever the tokens before it were just generated."""
+    allowed_token_ids: tuple[int, ...] | None = None
+    """Only these token ids may be sampled (vLLM's)."""
+    structured_output: StructuredOutput | None = None
+    """A grammar the completion must follow (JSON schema, regex, choice, CFG)."""
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -77,6 +137,13 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bias = self.logit_bias
+        if isinstance(bias, dict):
+            bias = bias.items()
+        object.__setattr__(self, "logit_bias", tuple(sorted((t, b) for t, b in bias)))
+        object.__setattr__(self, "bad_words", tuple(tuple(w) for w in self.bad_words))
+        if self.allowed_token_ids is not None:
+            object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
 
         _check_int("n", self.n, lo=1)
         _check_int("max_tokens", self.max_tokens, lo=1)
@@ -100,6 +167,27 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, lo=0, hi=MAX_LOGPROBS)
         if self.prompt_logprobs is not None:
             _check_int("prompt_logprobs", self.prompt_logprobs, lo=0, hi=MAX_LOGPROBS)
+        for t, b in self.logit_bias:
+            if not _is_int(t) or t < 0:
+                raise ValueError(f"logit_bias keys must be token ids (ints >= 0), got {t!r}")
+            _check_range(f"logit_bias[{t}]", b, lo=-MAX_LOGIT_BIAS, hi=MAX_LOGIT_BIAS)
+        _check_int("min_tokens", self.min_tokens, lo=0)
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
+            )
+        for w in self.bad_words:
+            if not w or not all(_is_int(t) and t >= 0 for t in w):
+                raise ValueError(f"bad_words must hold non-empty token id lists, got {list(w)!r}")
+        if self.allowed_token_ids is not None and (
+            not self.allowed_token_ids
+            or not all(_is_int(t) and t >= 0 for t in self.allowed_token_ids)
+        ):
+            raise ValueError("allowed_token_ids must be a non-empty list of token ids (ints >= 0)")
+        if self.structured_output is not None and not isinstance(
+            self.structured_output, StructuredOutput
+        ):
+            raise ValueError("structured_output must be a StructuredOutput")
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(
                 f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}"
@@ -122,6 +210,21 @@ class SamplingParams:
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
         )
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Raises ValueError naming the field whose token id is outside [0, vocab_size)."""
+        fields = {
+            "logit_bias": [t for t, _ in self.logit_bias],
+            "stop_token_ids": list(self.stop_token_ids),
+            "bad_words": [t for w in self.bad_words for t in w],
+            "allowed_token_ids": list(self.allowed_token_ids or ()),
+        }
+        for name, ids in fields.items():
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                raise ValueError(
+                    f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})"
+                )
 
     @property
     def max_stop_len(self) -> int:
