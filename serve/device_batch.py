@@ -22,11 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tandem.model.attention_metadata import AttentionMetadata
-from tandem.serve.sampler import SamplingBatch
+from tandem.serve.sampler import NUM_STOP_IDS, SamplingBatch, bias_entries
 from tandem.serve.sampling_params import SamplingParams
-
-# Stop ids the device checks per slot (EOS ids + stop_token_ids); the host checks them all.
-NUM_STOP_IDS = 8
 
 
 @jax.tree_util.register_dataclass
@@ -39,8 +36,9 @@ class DeviceBatch:
     block_table: jax.Array  # i32[S, P]
     active: jax.Array  # bool[S] decoding and not stopped on device
     max_num_tokens: jax.Array  # i32[S] prompt + completion cap (max_tokens, max_model_len)
-    stop_ids: jax.Array  # i32[S, NUM_STOP_IDS], -1 padded
-    sampling: SamplingBatch  # [S] rows; `step` counts generated tokens; penalties [S, V]
+    # [S] rows; `step` counts generated tokens; `stop_ids` are the ones the device stops
+    # on (EOS ids + stop_token_ids; the host checks them all); penalties and bias [S, V].
+    sampling: SamplingBatch
 
 
 def init_device_batch(num_slots: int, pages_per_seq: int, vocab_size: int) -> DeviceBatch:
@@ -49,6 +47,7 @@ def init_device_batch(num_slots: int, pages_per_seq: int, vocab_size: int) -> De
         sampling,
         output_counts=np.zeros((num_slots, vocab_size), np.int32),
         prompt_mask=np.zeros((num_slots, vocab_size), np.bool_),
+        bias=np.zeros((num_slots, vocab_size), np.float32),
     )
     batch = DeviceBatch(
         tokens=np.zeros(num_slots, np.int32),
@@ -56,7 +55,6 @@ def init_device_batch(num_slots: int, pages_per_seq: int, vocab_size: int) -> De
         block_table=np.zeros((num_slots, pages_per_seq), np.int32),
         active=np.zeros(num_slots, np.bool_),
         max_num_tokens=np.zeros(num_slots, np.int32),
-        stop_ids=np.full((num_slots, NUM_STOP_IDS), -1, np.int32),
         sampling=sampling,
     )
     return jax.tree.map(jnp.asarray, batch)
@@ -69,8 +67,8 @@ class SlotRows:
 
     slots: np.ndarray  # i32[A]
     max_num_tokens: np.ndarray  # i32[A]
-    stop_ids: np.ndarray  # i32[A, NUM_STOP_IDS]
-    sampling: SamplingBatch  # [A] rows, no penalty columns; `step` = tokens generated
+    bias_base: np.ndarray  # f32[A] every id's bias before set_bias entries (0 or -inf)
+    sampling: SamplingBatch  # [A] rows, no penalty or bias columns; `step` = tokens generated
 
 
 def slot_rows(
@@ -92,23 +90,28 @@ def slot_rows(
         params, [[]] * num, [[]] * num, vocab_size=vocab_size, pad_to=pad_to,
         sample_indices=sample_indices,
     )  # fmt: skip
-    # The penalty state lives on device (cleared here, filled by add_penalty_tokens).
+    stops = np.full((pad_to, NUM_STOP_IDS), -1, np.int32)
+    for i, ids in enumerate(stop_ids):
+        ids = list(dict.fromkeys(ids))[:NUM_STOP_IDS]  # the host checks any beyond
+        stops[i, : len(ids)] = ids
+    # The penalty and bias state lives on device (cleared here, filled by
+    # add_penalty_tokens and set_bias): nothing of width V crosses per sequence.
     sampling = dataclasses.replace(
         sampling,
         num_top_logprobs=0,  # static fields fixed: one compilation of set_slots per bucket
         is_full=True,
         step=_pad(num_generated, pad_to, 0),
+        stop_ids=stops,
         output_counts=np.zeros((pad_to, 0), np.int32),
         prompt_mask=np.zeros((pad_to, 0), np.bool_),
+        bias=np.zeros((pad_to, 0), np.float32),
     )
-    stops = np.full((pad_to, NUM_STOP_IDS), -1, np.int32)
-    for i, ids in enumerate(stop_ids):
-        ids = list(dict.fromkeys(ids))[:NUM_STOP_IDS]  # the host checks any beyond
-        stops[i, : len(ids)] = ids
+    bias_base = np.zeros(pad_to, np.float32)
+    bias_base[:num] = [bias_entries(p)[0] for p in params]
     return SlotRows(
         slots=_pad(slots, pad_to, num_slots),
         max_num_tokens=_pad(max_num_tokens, pad_to, 0),
-        stop_ids=stops,
+        bias_base=bias_base,
         sampling=sampling,
     )
 
@@ -125,17 +128,25 @@ def set_slots(batch: DeviceBatch, rows: SlotRows) -> DeviceBatch:
     fields = {
         f.name: put(getattr(sampling, f.name), getattr(new_sampling, f.name))
         for f in dataclasses.fields(SamplingBatch)
-        if f.name not in ("output_counts", "prompt_mask", "num_top_logprobs", "is_full")
+        if f.name not in ("output_counts", "prompt_mask", "bias", "num_top_logprobs", "is_full")
     }
     fields["output_counts"] = sampling.output_counts.at[s].set(0, mode="drop")
     fields["prompt_mask"] = sampling.prompt_mask.at[s].set(False, mode="drop")
+    fields["bias"] = sampling.bias.at[s].set(rows.bias_base[:, None], mode="drop")
     return dataclasses.replace(
         batch,
         active=batch.active.at[s].set(False, mode="drop"),
         max_num_tokens=put(batch.max_num_tokens, rows.max_num_tokens),
-        stop_ids=put(batch.stop_ids, rows.stop_ids),
         sampling=dataclasses.replace(sampling, **fields),
     )
+
+
+def set_bias(batch: DeviceBatch, entries: jax.Array, values: jax.Array) -> DeviceBatch:
+    """entries i32[N, 2] of (slot, token), values f32[N]: bias[slot, token] = value;
+    slot S pads and is dropped."""
+    sampling = batch.sampling
+    bias = sampling.bias.at[entries[:, 0], entries[:, 1]].set(values, mode="drop")
+    return dataclasses.replace(batch, sampling=dataclasses.replace(sampling, bias=bias))
 
 
 def write_pages(batch: DeviceBatch, entries: jax.Array) -> DeviceBatch:
@@ -182,7 +193,7 @@ def advance(
     or at its length cap."""
     num_slots = batch.active.shape[0]
     safe = jnp.minimum(slots, num_slots - 1)
-    stopped = jnp.any(tokens[:, None] == batch.stop_ids[safe], axis=-1) | (
+    stopped = jnp.any(tokens[:, None] == batch.sampling.stop_ids[safe], axis=-1) | (
         positions + 1 >= batch.max_num_tokens[safe]
     )
     target = jnp.where(is_live, slots, num_slots)  # dead rows write nothing

@@ -41,7 +41,7 @@ from tandem.serve.model_runner import ModelRunner
 from tandem.serve.output import RequestOutput
 from tandem.serve.prompt_logprobs import record_prompt_logprobs
 from tandem.serve.request_outputs import request_outputs
-from tandem.serve.sampler import needs_full_sampler
+from tandem.serve.sampler import needs_full_sampler, stop_ids_of
 from tandem.serve.sampling_params import SamplingParams
 from tandem.serve.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from tandem.serve.sequence import Request, Sequence, Status
@@ -246,11 +246,8 @@ class Engine:
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "kv_usage": self.blocks.usage,
-            "prefix_hit_rate": (
-                self.num_cached_prompt_tokens / self.num_prompt_tokens
-                if self.num_prompt_tokens
-                else 0.0
-            ),
+            "num_prompt_tokens": self.num_prompt_tokens,  # of requests past their first token
+            **self.scheduler.make_stats(),
             "clients": {c: dict(v) for c, v in self.scheduler.service.items()},
             "num_compiles": self.runner.num_compiles,
             "num_param_updates": self.num_param_updates,
@@ -391,7 +388,7 @@ class Engine:
         return children[:num_now]
 
     def _stop_ids(self, params: SamplingParams) -> list[int]:
-        return list(params.stop_token_ids) + ([] if params.ignore_eos else sorted(self._eos))
+        return stop_ids_of(params, self._eos)
 
     def _num_top_of(self, seqs) -> int:
         return self.runner.num_top if any(s.request.params.logprobs for s in seqs) else 0

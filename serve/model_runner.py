@@ -160,6 +160,7 @@ class ModelRunner:
         self._set_slots = jax.jit(db.set_slots, donate_argnums=(0,))
         self._write_pages = jax.jit(db.write_pages, donate_argnums=(0,))
         self._add_penalty_tokens = jax.jit(db.add_penalty_tokens, donate_argnums=(0,))
+        self._set_bias = jax.jit(db.set_bias, donate_argnums=(0,))
         self._copy_blocks = jax.jit(copy_blocks, donate_argnums=(0,))
 
     def set_params(self, params: nnx.State) -> None:
@@ -189,6 +190,17 @@ class ModelRunner:
         with mesh_context(self.mesh):
             self.batch = self._add_penalty_tokens(self.batch, self._entries(entries))
 
+    def set_bias(self, entries: list[tuple[int, int, float]]) -> None:
+        """(slot, token, value) bias entries of sequences joining (after `set_slots`)."""
+        n = power_of_two_at_least(len(entries), MIN_ENTRIES)
+        ids = np.full((n, 2), [self.num_slots, 0], np.int32)
+        values = np.zeros(n, np.float32)
+        if entries:
+            ids[: len(entries)] = [e[:2] for e in entries]
+            values[: len(entries)] = [e[2] for e in entries]
+        with mesh_context(self.mesh):
+            self.batch = self._set_bias(self.batch, ids, values)
+
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         with mesh_context(self.mesh):
             self.kv = self._copy_blocks(self.kv, jnp.asarray(np.array(copies, np.int32)))
@@ -196,27 +208,43 @@ class ModelRunner:
     # Steps.
 
     def decode(
-        self, num_steps: int, num_slots: int, num_top: int, is_full: bool = True
+        self,
+        num_steps: int,
+        num_slots: int,
+        num_top: int,
+        is_full: bool = True,
+        bitmask: np.ndarray | None = None,
     ) -> StepResult:
         """`num_steps` (a step bucket) decode steps of the first `num_slots` slots (a slot
         bucket). A slot stops on device at its stop ids and length cap and produces
-        nothing after; the caller plans no slot past its cap."""
+        nothing after; the caller plans no slot past its cap. `bitmask` i32[S, W]: the
+        tokens each slot may sample (one step only: a mask holds for the step it was
+        computed for)."""
+        if bitmask is not None and num_steps != 1:
+            raise ValueError(f"a bitmask holds for one step, not {num_steps}")
         with mesh_context(self.mesh):
             self.kv, self.batch, result = _decode_jit(
-                self._leaves, self.kv, self.batch, self._next_key(), graphdef=self.graphdef,
+                self._leaves, self.kv, self.batch, self._next_key(), bitmask,
+                graphdef=self.graphdef,
                 page_size=self.page_size, num_steps=num_steps, num_slots=num_slots,
                 num_top=num_top, is_full=is_full,
             )  # fmt: skip
         return _start_copy(result)
 
     def mixed(
-        self, inputs: MixedInputs, num_top: int, want_logits: bool, is_full: bool = True
+        self,
+        inputs: MixedInputs,
+        num_top: int,
+        want_logits: bool,
+        is_full: bool = True,
+        bitmask: np.ndarray | None = None,
     ) -> tuple[StepResult, jax.Array | None]:
-        """One step; with `want_logits` also f32[T, V], the logits of every token."""
+        """One step; with `want_logits` also f32[T, V], the logits of every token.
+        `bitmask` i32[S, W]: the tokens each slot may sample."""
         num_tokens = inputs.token_ids.shape[0]
         with mesh_context(self.mesh):
             self.kv, self.batch, result, logits = _mixed_jit(
-                self._leaves, self.kv, self.batch, self._next_key(), inputs.pack(),
+                self._leaves, self.kv, self.batch, self._next_key(), inputs.pack(), bitmask,
                 graphdef=self.graphdef, page_size=self.page_size, num_tokens=num_tokens,
                 num_top=num_top, is_full=is_full, want_logits=want_logits,
             )  # fmt: skip
@@ -317,7 +345,8 @@ def _start_copy(result: StepResult) -> StepResult:
     return result
 
 
-def _decode(params, kv, batch, key, *, graphdef, page_size, num_steps, num_slots, num_top, is_full):
+def _decode(params, kv, batch, key, bitmask, *, graphdef, page_size, num_steps, num_slots,
+            num_top, is_full):  # fmt: skip
     model = graphdef.merge(params)
     slots = jnp.arange(num_slots, dtype=jnp.int32)
     out = StepResult(
@@ -333,7 +362,9 @@ def _decode(params, kv, batch, key, *, graphdef, page_size, num_steps, num_slots
         tokens, md = db.decode_metadata(batch, num_slots, page_size)
         x, kv = model.paged_features(tokens, kv, md)
         logits = model.logits(x)  # [B, V]
-        res = sample(logits, db.rows_of(batch, slots, num_top, is_full), jax.random.fold_in(key, i))
+        rows = db.rows_of(batch, slots, num_top, is_full)
+        mask = None if bitmask is None else bitmask[:num_slots]
+        res = sample(logits, rows, jax.random.fold_in(key, i), mask)
         batch, _ = db.advance(batch, slots, res.tokens, md.positions + 1, active)
         out = StepResult(
             out.tokens.at[i].set(jnp.where(active, res.tokens, -1)),
@@ -349,7 +380,7 @@ def _decode(params, kv, batch, key, *, graphdef, page_size, num_steps, num_slots
     return kv, batch, out
 
 
-def _mixed(params, kv, batch, key, packed, *, graphdef, page_size, num_tokens, num_top,
+def _mixed(params, kv, batch, key, packed, bitmask, *, graphdef, page_size, num_tokens, num_top,
            is_full, want_logits):  # fmt: skip
     model = graphdef.merge(params)
     num_slots = batch.active.shape[0]
@@ -372,7 +403,8 @@ def _mixed(params, kv, batch, key, packed, *, graphdef, page_size, num_tokens, n
     x, kv = model.paged_features(tokens, kv, md)  # [T, D]
     logits = model.logits(x[inp.sample_rows])  # [S, V]
     row_slots = jnp.minimum(inp.sample_slots, num_slots - 1)
-    res = sample(logits, db.rows_of(batch, row_slots, num_top, is_full), key)
+    mask = None if bitmask is None else bitmask[row_slots]
+    res = sample(logits, db.rows_of(batch, row_slots, num_top, is_full), key, mask)
     row_live = (inp.sample_slots < num_slots) & (
         (inp.sample_is_decode == 0) | batch.active[row_slots]
     )

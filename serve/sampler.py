@@ -6,16 +6,20 @@ them on the host (tests, one-off calls). `sample` is one jitted pure function ov
 compiled once per padded batch size B (and per penalty width, 0 or V, and logprob width K).
 
 Order, as in vLLM V1:
-  1. logprobs over the full vocabulary, before penalties and truncation: per row,
+  1. logprobs over the full vocabulary, before any processing or truncation: per row,
      log_softmax(logits / logprob_temperature), where logprob_temperature is 1 for
      `logprobs_mode="raw"` (the model's own distribution; vLLM's default "raw_logprobs")
      and the row's temperature for "scaled" (the policy the token is drawn from, which RL
      importance ratios need). A per-row array, so mixing modes never recompiles.
-  2. penalties on the raw logits: repetition (HF: over prompt and output tokens, a positive
+  2. the row's token restrictions: its stop ids are banned until it has `min_tokens`
+     tokens; the bias row adds `logit_bias` and -inf outside `allowed_token_ids` and at
+     one-token `bad_words`; a grammar's (or multi-token bad words') bitmask, computed on
+     the host for this step, leaves -inf at the ids it disallows.
+  3. penalties on the raw logits: repetition (HF: over prompt and output tokens, a positive
      logit is divided by it, a negative one multiplied), then frequency and presence
      (OpenAI: over output tokens only, `logit -= frequency * count + presence * (count > 0)`).
-  3. greedy rows (temperature < GREEDY_EPS) take the argmax of the penalised logits.
-  4. sampled rows divide by temperature, keep the top_k tokens, then the smallest set whose
+  4. greedy rows (temperature < GREEDY_EPS) take the argmax of the penalised logits.
+  5. sampled rows divide by temperature, keep the top_k tokens, then the smallest set whose
      mass is >= top_p (always the top token), then drop tokens with
      prob < min_p * max prob, and draw with the row's key.
 
@@ -37,6 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from tandem.serve.sampling_params import GREEDY_EPS, MAX_LOGPROBS, SamplingParams
+
+# Ids a row bans until it has min_tokens tokens: its stop ids (EOS and stop_token_ids), as
+# the device also checks them; the host checks any beyond.
+NUM_STOP_IDS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +70,12 @@ class SamplingBatch:
     sample_index: np.ndarray  # i32[B], which of the request's n completions
     step: np.ndarray  # i32[B], index of the token being generated
     logprob_temperature: np.ndarray  # f32[B], divides logits for logprobs: 1 = raw
+    # min_tokens: these ids are banned while step < min_tokens.
+    min_tokens: np.ndarray  # i32[B]
+    stop_ids: np.ndarray  # i32[B, NUM_STOP_IDS], -1 padded
+    # logit_bias, allowed_token_ids, one-token bad_words, added to the logits (-inf bans).
+    # Width 0 when no row has any (skipped at trace time), V on device, as the penalties.
+    bias: np.ndarray  # f32[B, V or 0]
     num_top_logprobs: int = dataclasses.field(default=0, metadata=dict(static=True))
     """K, static: MAX_LOGPROBS (at most V) when any row asks for alternatives, else 0."""
     is_full: bool = dataclasses.field(default=True, metadata=dict(static=True))
@@ -83,11 +97,12 @@ class SamplingBatch:
         vocab_size: int,
         pad_to: int,
         sample_indices: Sequence[int] | None = None,
+        eos_ids: Sequence[int] = (),
     ) -> SamplingBatch:
         """Rows in order, padded to `pad_to`. `output_token_ids_list[i]` is what row i has
         generated so far (its length is the step); `sample_indices[i]` is the row's index
         among its request's n completions (default 0), so that n seeded completions
-        differ."""
+        differ. `eos_ids` join each row's stop ids (unless it ignores EOS) for min_tokens."""
         num_rows = len(params_list)
         if num_rows > pad_to:
             raise ValueError(f"{num_rows} rows do not fit pad_to={pad_to}")
@@ -123,6 +138,15 @@ class SamplingBatch:
             np.add.at(output_counts[i], output, 1)
             prompt_mask[i, prompt] = True
 
+        stop_ids = np.full((pad_to, NUM_STOP_IDS), -1, np.int32)
+        for i, p in enumerate(params_list):
+            ids = stop_ids_of(p, eos_ids)[:NUM_STOP_IDS]
+            stop_ids[i, : len(ids)] = ids
+        biased = [i for i, p in enumerate(params_list) if has_bias(p)]
+        bias = np.zeros((pad_to, vocab_size if biased else 0), np.float32)
+        for i in biased:
+            bias[i] = bias_row(params_list[i], vocab_size)
+
         wants_top = any(p.logprobs for p in params_list)
         is_full = any(needs_full_sampler(p) for p in params_list)
         return cls(
@@ -140,6 +164,9 @@ class SamplingBatch:
             sample_index=_pad(sample_indices, pad_to, np.int32),
             step=_pad([len(o) for o in output_token_ids_list], pad_to, np.int32),
             logprob_temperature=column(lambda p: p.logprob_temperature, np.float32, 1.0),
+            min_tokens=column(lambda p: p.min_tokens, np.int32, 0),
+            stop_ids=stop_ids,
+            bias=bias,
             num_top_logprobs=min(MAX_LOGPROBS, vocab_size) if wants_top else 0,
             is_full=is_full,
         )
@@ -149,10 +176,51 @@ jax.tree_util.register_dataclass(SamplingBatch)
 
 
 def needs_full_sampler(params: SamplingParams) -> bool:
-    """Whether a row needs the sort (top-k, top-p) or the penalty pass."""
+    """Whether a row needs the sort (top-k, top-p), the penalty pass or its bias row."""
     return (
-        not params.is_greedy and (params.top_k > 0 or params.top_p < 1.0) or (params.uses_penalties)
+        (not params.is_greedy and (params.top_k > 0 or params.top_p < 1.0))
+        or params.uses_penalties
+        or has_bias(params)
     )
+
+
+def has_bias(params: SamplingParams) -> bool:
+    """Whether a row has a bias row: logit_bias, allowed_token_ids or one-token bad_words."""
+    return bool(
+        params.logit_bias
+        or params.allowed_token_ids is not None
+        or any(len(w) == 1 for w in params.bad_words)
+    )
+
+
+def bias_entries(params: SamplingParams) -> tuple[float, list[tuple[int, float]]]:
+    """The row's bias as (base, [(token, value)]): every id starts at `base` (0, or -inf
+    outside allowed_token_ids), then each entry is set. Later entries win: a one-token bad
+    word bans a token even if it is allowed or biased."""
+    base = 0.0 if params.allowed_token_ids is None else -np.inf
+    entries = dict.fromkeys(params.allowed_token_ids or (), 0.0)
+    for token, value in params.logit_bias:
+        if params.allowed_token_ids is None or token in entries:
+            entries[token] = float(value)
+    for word in params.bad_words:
+        if len(word) == 1:
+            entries[word[0]] = -np.inf
+    return base, list(entries.items())
+
+
+def bias_row(params: SamplingParams, vocab_size: int) -> np.ndarray:
+    """f32[V], the row's bias (`bias_entries` laid out densely)."""
+    base, entries = bias_entries(params)
+    row = np.full(vocab_size, base, np.float32)
+    for token, value in entries:
+        row[token] = value
+    return row
+
+
+def stop_ids_of(params: SamplingParams, eos_ids: Sequence[int]) -> list[int]:
+    """The ids that end a row: its stop_token_ids and, unless it ignores EOS, `eos_ids`."""
+    ids = list(params.stop_token_ids) + ([] if params.ignore_eos else sorted(eos_ids))
+    return list(dict.fromkeys(ids))
 
 
 class SampleResult(NamedTuple):
@@ -163,9 +231,12 @@ class SampleResult(NamedTuple):
 
 
 @jax.jit
-def sample(logits: jax.Array, batch: SamplingBatch, key: jax.Array) -> SampleResult:
+def sample(
+    logits: jax.Array, batch: SamplingBatch, key: jax.Array, bitmask: jax.Array | None = None
+) -> SampleResult:
     """logits f32[B, V] -> SampleResult. `key` (a jax.random.key) feeds the unseeded rows;
-    pass a fresh one each step. See the module docstring for the order of operations."""
+    pass a fresh one each step. `bitmask` i32[B, ceil(V / 32)] (bit j of word w allows token
+    32 w + j), or None when no row has one. See the module docstring for the order."""
     logits = logits.astype(jnp.float32)
     num_rows, vocab = logits.shape  # B, V
     # Raw rows divide by exactly 1.0, so their logprobs are bit-identical to raw mode's.
@@ -173,6 +244,7 @@ def sample(logits: jax.Array, batch: SamplingBatch, key: jax.Array) -> SampleRes
         logits / batch.logprob_temperature[:, None], batch.num_top_logprobs
     )
 
+    logits = restrict(logits, batch, bitmask)
     if batch.is_full and batch.output_counts.shape[1]:
         logits = apply_penalties(logits, batch)  # exact identity on unpenalised rows
     is_greedy = batch.temperature < GREEDY_EPS
@@ -208,6 +280,26 @@ def token_logprobs(
     logprobs, top_ids, top_logprobs = _full_logprobs(logits.astype(jnp.float32), num_top)
     chosen = jnp.take_along_axis(logprobs, token_ids[:, None], axis=-1)[:, 0]
     return chosen, top_ids, top_logprobs
+
+
+def restrict(logits: jax.Array, batch: SamplingBatch, bitmask: jax.Array | None) -> jax.Array:
+    """min_tokens, the bias row and the bitmask (module docstring, step 2)."""
+    num_rows = logits.shape[0]
+    early = (batch.step < batch.min_tokens)[:, None] & (batch.stop_ids >= 0)  # [B, M]
+    rows = jnp.broadcast_to(jnp.arange(num_rows)[:, None], early.shape)
+    banned = jnp.where(early, batch.stop_ids, logits.shape[1])  # V: out of range, dropped
+    logits = logits.at[rows, banned].set(-jnp.inf, mode="drop")
+    if batch.is_full and batch.bias.shape[1]:
+        logits = logits + batch.bias
+    if bitmask is not None:
+        logits = jnp.where(unpack_bitmask(bitmask, logits.shape[1]), logits, -jnp.inf)
+    return logits
+
+
+def unpack_bitmask(bitmask: jax.Array, vocab: int) -> jax.Array:
+    """i32[B, W] -> bool[B, V]: bit j of word w allows token 32 w + j."""
+    bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [B, W, 32]
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab] > 0
 
 
 def apply_penalties(logits: jax.Array, batch: SamplingBatch) -> jax.Array:

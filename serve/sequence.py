@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import time
 from typing import Any
 
-from tandem.serve.output import TokenLogprob
+from tandem.serve.output import RequestMetrics, TokenLogprob
 from tandem.serve.sampling_params import SamplingParams
 from tandem.serve.stops import StopChecker
 
@@ -29,6 +30,14 @@ class Request:
     num_cached_tokens: int = 0
     prompt_logprobs: list[TokenLogprob | None] | None = None
     error: str | None = None  # set when this request alone failed
+    metrics: RequestMetrics | None = None  # stamped at creation (arrival) and per output
+    num_generation_tokens: int = 0  # tokens of all n sequences as of the last output
+
+    def __post_init__(self):
+        if self.metrics is None:
+            self.metrics = RequestMetrics(
+                time.monotonic(), n=self.params.n, max_tokens=self.params.max_tokens
+            )
 
 
 @dataclasses.dataclass(eq=False)
@@ -55,6 +64,7 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prefix-cache hit of the first admission
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None  # time.monotonic() of its first admission
     max_num_tokens: int = 2**62  # prompt + completion cap: no decode step is planned past it
     status: Status = Status.WAITING
     finish_reason: str | None = None
@@ -116,7 +126,9 @@ class Sequence:
                     )
                 )
                 self.logprobs.append(TokenLogprob(token, float(result.logprobs[j, row]), top))
-            if (not params.ignore_eos and token in eos) or token in params.stop_token_ids:
+            # Stop ids count from min_tokens on: the device banned them until then.
+            is_stop_id = (not params.ignore_eos and token in eos) or token in params.stop_token_ids
+            if is_stop_id and len(self.output_token_ids) > params.min_tokens:
                 reason = "stop"
             if check_strings and self.stops.append(self.output_token_ids, reason is not None):
                 reason = "stop"

@@ -15,6 +15,7 @@ from tandem.paged_cache import BlockManager
 from tandem.serve.buckets import bucket_for
 from tandem.serve.device_batch import slot_rows
 from tandem.serve.model_runner import ModelRunner
+from tandem.serve.sampler import bias_entries, has_bias
 from tandem.serve.sampling_params import SamplingParams
 from tandem.serve.sequence import Sequence, Status
 
@@ -86,3 +87,11 @@ class SlotTable:
         ]
         if penalties:
             self.runner.add_penalty_tokens(penalties)
+        bias = [
+            (seq.slot, token, value)
+            for seq in joining
+            if has_bias(seq.request.params)
+            for token, value in bias_entries(seq.request.params)[1]
+        ]
+        if bias:
+            self.runner.set_bias(bias)
