@@ -38,7 +38,12 @@ class OpenAIHandlers:
         self.model_name = model_name
         self.tokenizer = engine.tokenizer
         self.token_text = TokenText(engine.tokenizer)
-        self.metrics = ServerMetrics(engine.stats, lambda: engine.is_running)
+        self.metrics = ServerMetrics(
+            engine.stats,
+            lambda: engine.is_running,
+            model_name=model_name,
+            max_model_len=engine.max_model_len,
+        )
 
     # Request handling shared by both endpoints.
 

@@ -1,8 +1,11 @@
-"""The engine's outputs: per request that changed, its n completions so far and the delta."""
+"""The engine's outputs: per request that changed, its n completions so far and the delta,
+and when its stages happened (`RequestMetrics`, stamped here as the tokens arrive)."""
 
 from __future__ import annotations
 
-from tandem.serve.output import CompletionOutput, RequestOutput
+import time
+
+from tandem.serve.output import CompletionOutput, RequestMetrics, RequestOutput
 from tandem.serve.sequence import Request, Sequence, Status
 
 
@@ -13,10 +16,12 @@ def request_outputs(changed: list[Sequence]) -> list[RequestOutput]:
     for seq in changed:
         by_request[seq.request.request_id] = seq.request
     outputs = []
+    now = time.monotonic()
     for request_id, request in by_request.items():
         finished = len(request.seqs) == request.params.n and all(
             s.status == Status.FINISHED for s in request.seqs
         )
+        _stamp(request, finished, now)
         if not (finished or request.stream):
             continue
         completions = []
@@ -49,6 +54,23 @@ def request_outputs(changed: list[Sequence]) -> list[RequestOutput]:
                 request.num_cached_tokens,
                 request.prompt_logprobs,
                 error=request.error,
+                metrics=request.metrics.snapshot(),  # later steps change the original
             )
         )
     return outputs
+
+
+def _stamp(request: Request, finished: bool, now: float) -> None:
+    """Records the step's time as the request's last (and maybe first) token time when
+    any of its sequences got tokens (streamed or not), and as its finish time."""
+    metrics: RequestMetrics = request.metrics
+    if metrics.first_scheduled_time is None:
+        metrics.first_scheduled_time = request.seqs[0].first_scheduled_time
+    num_tokens = sum(len(s.output_token_ids) for s in request.seqs)
+    if num_tokens > request.num_generation_tokens:
+        request.num_generation_tokens = num_tokens
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+        metrics.last_token_time = now
+    if finished:
+        metrics.finished_time = now

@@ -24,17 +24,27 @@ Virtual Token Counter of Sheng et al. (OSDI'24): each client has a counter charg
 the client's weight; admission goes to the waiting client with the smallest counter,
 and a client returning from idle is lifted to the smallest counter of the active ones,
 so that idling banks no credit.
+
+The scheduler also counts what vLLM's SchedulerStats and IterationStats report
+(`make_stats`): preemptions, prefix-cache queries and hits in tokens (first admissions
+only), generated tokens, finished sequences by reason, and the tokens of each forward
+pass (bucket counts of `ITERATION_TOKENS_BUCKETS`).
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
+import time
 
 from tandem.paged_cache import BlockCopy, BlockManager
 from tandem.serve.sequence import Sequence, Status
 
 POLICIES = ("fcfs", "priority", "vtc")
+FINISH_REASONS = ("stop", "length", "abort", "error")
+# vLLM's iteration_tokens_total buckets (upper bounds, inclusive).
+ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +120,13 @@ class Scheduler:
         self._arrivals = itertools.count()
         self._weights = dict(config.client_weights)
         self.num_preemptions = 0
+        self.num_prefix_cache_queries = 0  # prompt tokens looked up at first admissions
+        self.num_prefix_cache_hits = 0  # of them, tokens found in the cache
+        self.num_generation_tokens = 0
+        self.num_finished = dict.fromkeys(FINISH_REASONS, 0)  # sequences, by reason
+        # Forward passes by tokens computed: one count per bucket (the last is +Inf).
+        self.iteration_tokens = [0] * (len(ITERATION_TOKENS_BUCKETS) + 1)
+        self.iteration_tokens_sum = 0
 
     # Queue changes.
 
@@ -148,6 +165,7 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
+        self.num_finished[reason] = self.num_finished.get(reason, 0) + 1
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -210,6 +228,9 @@ class Scheduler:
             self.waiting.remove(seq)
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = num_cached
+                seq.first_scheduled_time = time.monotonic()
+                self.num_prefix_cache_queries += len(seq.token_ids)
+                self.num_prefix_cache_hits += num_cached
                 self._charge(seq.client, len(seq.prompt_token_ids), "prompt_tokens")
             seq.num_computed_tokens = num_cached
             seq.status = Status.RUNNING
@@ -229,6 +250,7 @@ class Scheduler:
         """The step was dispatched: its tokens count as computed (the device runs calls in
         order, so every later call sees their K/V), and each completing chunk has tokens
         in flight, one per step."""
+        self._count_iteration_tokens(output)
         for chunk in output.chunks:
             seq = chunk.seq
             seq.num_computed_tokens = chunk.start + chunk.num_tokens
@@ -249,6 +271,33 @@ class Scheduler:
             computed = min(seq.num_computed_tokens, seq.num_known_tokens - 1)
             self.blocks.commit(seq.seq_id, computed)
         self._charge(seq.client, len(token_ids), "generated_tokens")
+        self.num_generation_tokens += len(token_ids)
+
+    # Counters.
+
+    def make_stats(self) -> dict:
+        """The counters so far (plain data: they cross into the server's process)."""
+        return {
+            "num_preemptions": self.num_preemptions,
+            "num_prefix_cache_queries": self.num_prefix_cache_queries,
+            "num_prefix_cache_hits": self.num_prefix_cache_hits,
+            "num_generation_tokens": self.num_generation_tokens,
+            "num_finished": dict(self.num_finished),
+            "iteration_tokens": (list(self.iteration_tokens), self.iteration_tokens_sum),
+        }
+
+    def _count_iteration_tokens(self, output: SchedulerOutput) -> None:
+        """A call with prompt work is one forward pass of `num_tokens`; a decode call runs
+        as many passes as its longest chunk has steps, pass j with the chunks longer than j
+        (each sequence stops at its own cap)."""
+        if output.has_prefill:
+            passes = [output.num_tokens]
+        else:
+            steps = [c.num_tokens for c in output.chunks]
+            passes = [sum(s > j for s in steps) for j in range(max(steps, default=0))]
+        for num_tokens in passes:
+            self.iteration_tokens[bisect.bisect_left(ITERATION_TOKENS_BUCKETS, num_tokens)] += 1
+            self.iteration_tokens_sum += num_tokens
 
     # Policy.
 
