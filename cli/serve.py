@@ -55,6 +55,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: $JAX_COMPILATION_CACHE_DIR, else ~/.cache/tandem/jax on a GPU or TPU)",
     )
     parser.add_argument("--num_decode_steps", type=int, default=8)
+    parser.add_argument(
+        "--tool_call_parser",
+        "--tool-call-parser",
+        default=None,
+        metavar="NAME",
+        help="how tool calls are read from the model's output: hermes, llama3_json or "
+        "mistral (vLLM's names; serve/tool_parsers.py); default: the "
+        "one the chat template implies ([TOOL_CALLS] -> mistral, <tool_call> -> hermes, "
+        "<|python_tag|> -> llama3_json), else none and tool_choice auto is refused",
+    )
+    parser.add_argument(
+        "--enable_auto_tool_choice",
+        "--enable-auto-tool-choice",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="serve tool_choice auto (the default when a request has tools) with the tool "
+        "call parser; on by default, unlike vLLM, whose flag is accepted",
+    )
     parser.add_argument("--log_level", default="info")
 
 
@@ -91,5 +109,7 @@ def run(args: argparse.Namespace) -> int:
         warm_up=args.warm_up,
         compilation_cache_dir=args.compilation_cache_dir,
         num_decode_steps=args.num_decode_steps,
+        tool_call_parser=args.tool_call_parser,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
     )
     return 0

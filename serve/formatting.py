@@ -28,6 +28,8 @@ from tandem.serve.protocol import (
     Usage,
     unix_now,
 )
+from tandem.serve.tool_calls import ToolCallStream, ToolPlan
+from tandem.serve.tool_protocol import DeltaToolCall, ToolCall
 
 # Engine outputs -> responses.
 
@@ -128,9 +130,12 @@ class Formatter:
             finish = c.finish_reason if index not in self._finish_sent else None
             if not (text or logprobs or finish):
                 continue
+            chunk = self._chunk(request_id, index, text, logprobs, finish)
+            if chunk is None:  # all of the text held back (a tool call's beginning)
+                continue
             if finish:
                 self._finish_sent.add(index)
-            chunks.append(self._chunk(request_id, index, text, logprobs, finish))
+            chunks.append(chunk)
         return chunks
 
     def _delta(
@@ -140,6 +145,7 @@ class Formatter:
         return text, logprobs
 
     def _chunk(self, request_id, index, text, logprobs, finish):
+        """The chunk of choice `index`, or None when it has nothing to send."""
         raise NotImplementedError
 
     def usage_chunk(self, request_id: str, finals: list):
@@ -257,11 +263,22 @@ class CompletionFormatter(Formatter):
 
 
 class ChatFormatter(Formatter):
+    """With a tool plan whose parser is set, each choice's text goes through a
+    ToolCallStream (streamed) or the plan's extraction (not): content and tool calls."""
+
     id_prefix = "chatcmpl"
 
-    def __init__(self, model: str, token_text: TokenText, req: ChatCompletionRequest):
+    def __init__(
+        self,
+        model: str,
+        token_text: TokenText,
+        req: ChatCompletionRequest,
+        tools: ToolPlan | None = None,
+    ):
         super().__init__(model, token_text, req.n, req.num_logprobs)
         self.num_prompt_logprobs = req.prompt_logprobs
+        self.tools = tools if tools is not None and tools.parser is not None else None
+        self._tool_streams: dict[int, ToolCallStream] = {}
 
     def _logprobs(self, entries: list) -> ChatLogprobs | None:
         if self.num_logprobs is None:
@@ -296,10 +313,28 @@ class ChatFormatter(Formatter):
 
     def _chunk(self, request_id, index, text, logprobs, finish):
         delta = DeltaMessage(content=text or None)
+        if self.tools is not None:
+            stream = self._tool_streams.setdefault(index, ToolCallStream(self.tools))
+            content, calls = stream.feed(text, final=finish is not None)
+            if not (content or calls or logprobs or finish):
+                return None
+            delta = DeltaMessage(
+                content=content or None,
+                tool_calls=[DeltaToolCall(**c) for c in calls] or None,
+            )
+            finish = self.tools.finish_reason(finish, stream.tools_called)
         choice = ChatChunkChoice(
             index=index, delta=delta, logprobs=self._logprobs(logprobs), finish_reason=finish
         )
         return self._wrap(request_id, [choice])
+
+    def _message(self, c) -> tuple[AssistantMessage, str | None]:
+        """A finished choice's message and finish reason."""
+        if self.tools is None:
+            return AssistantMessage(content=c.text), c.finish_reason
+        content, calls = self.tools.extract(c.text)
+        message = AssistantMessage(content=content, tool_calls=[ToolCall(**t) for t in calls])
+        return message, self.tools.finish_reason(c.finish_reason, bool(calls))
 
     def usage_chunk(self, request_id: str, finals: list) -> ChatCompletionChunk:
         return self._wrap(request_id, [], usage(finals))
@@ -308,11 +343,12 @@ class ChatFormatter(Formatter):
         choices = [
             ChatChoice(
                 index=index,
-                message=AssistantMessage(content=c.text),
+                message=message,
                 logprobs=self._logprobs(c.logprobs or []),
-                finish_reason=c.finish_reason,
+                finish_reason=finish,
             )
             for index, c in self._choices(finals)
+            for message, finish in [self._message(c)]
         ]
         scored = None
         if self.num_prompt_logprobs is not None:

@@ -23,6 +23,7 @@ from tandem.serve.metrics import CONTENT_TYPE
 from tandem.serve.openai_errors import APIError, engine_error, error_response, validation_error
 from tandem.serve.openai_handlers import OpenAIHandlers
 from tandem.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from tandem.serve.tool_parsers import get_tool_parser
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +59,19 @@ def build_app(
     *,
     api_keys: Sequence[str] | Mapping[str, str] = (),
     model_name: str | None = None,
+    tool_call_parser: str | None = None,
+    enable_auto_tool_choice: bool = True,
 ) -> FastAPI:
     """The FastAPI app. `api_keys`: keys, or a dict key -> owner (the default VTC client
-    of the key's requests); empty turns authentication off."""
-    handlers = OpenAIHandlers(async_engine, model_name or async_engine.model_name)
+    of the key's requests); empty turns authentication off. `tool_call_parser`: how tool
+    calls are read from the output (serve/tool_parsers.py; default: from the chat
+    template); `enable_auto_tool_choice` false refuses tool_choice "auto"."""
+    handlers = OpenAIHandlers(
+        async_engine,
+        model_name or async_engine.model_name,
+        tool_call_parser=tool_call_parser,
+        enable_auto_tool_choice=enable_auto_tool_choice,
+    )
     app = FastAPI(title="tandem", docs_url=None, redoc_url=None, openapi_url=None)
     keys = dict(api_keys) if isinstance(api_keys, Mapping) else dict.fromkeys(api_keys, "default")
     if keys:
@@ -130,6 +140,8 @@ def serve(
     engine_process: bool = True,
     warm_up: bool | None = None,
     compilation_cache_dir: str | None = None,
+    tool_call_parser: str | None = None,
+    enable_auto_tool_choice: bool = True,
     **engine_config,
 ) -> None:
     """Loads a checkpoint directory or a gin preset, builds the engine and serves it with
@@ -137,10 +149,14 @@ def serve(
     (the front end and the engine do not share a GIL), else on a thread of this one.
     `tensor_parallel_size`: split the heads over the first devices (errors about it name
     it `tensor_parallel_flag`); `mesh` (in-process only): where the weights and KV pages
-    live. `engine_config`: EngineConfig fields."""
+    live. `tool_call_parser`, `enable_auto_tool_choice`: as build_app's. `engine_config`:
+    EngineConfig fields."""
     import uvicorn
 
     from tandem.serve.engine_process import EngineSpec, ProcessEngine, build_engine
+
+    if tool_call_parser is not None:
+        get_tool_parser(tool_call_parser)  # an unknown name fails before the engine loads
 
     spec = EngineSpec(
         model_source,
@@ -164,7 +180,12 @@ def serve(
         engine = build_engine(spec, mesh=mesh)
         async_engine = AsyncEngine(engine)
         tensor_parallel_size = 1 if engine.mesh is None else engine.mesh.shape["tensor"]
-    app = build_app(async_engine, api_keys=api_keys)
+    app = build_app(
+        async_engine,
+        api_keys=api_keys,
+        tool_call_parser=tool_call_parser,
+        enable_auto_tool_choice=enable_auto_tool_choice,
+    )
     where = (
         f" (tensor parallel over {tensor_parallel_size} devices)"
         if tensor_parallel_size > 1

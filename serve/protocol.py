@@ -1,7 +1,7 @@
 """The OpenAI request and response shapes the HTTP server speaks (pydantic v2).
 
 Requests are strict: a wrong type, an unknown field or a feature the server lacks
-(`suffix`, `best_of` != n, `logit_bias`, tools) fails validation, which the server answers
+(`suffix`, `best_of` != n, `logit_bias`) fails validation, which the server answers
 with a 400 in OpenAI's error shape. Sampling bounds are left to `SamplingParams`, whose
 ValueError names the field. vLLM's extra sampling fields are accepted too, `prompt_logprobs`
 among them.
@@ -10,6 +10,8 @@ Scoring a prompt (lm-evaluation-harness's loglikelihood): `/v1/completions` with
 `logprobs` and `max_tokens: 0` returns the prompt's own tokens and logprobs, no completion.
 
 serve/formatting.py turns the engine's outputs into these responses.
+Tool calling's shapes are in serve/tool_protocol.py; serve/tool_calls.py says what
+`tool_choice` does.
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ from pydantic import (
 )
 
 from tandem.serve.sampling_params import MAX_LOGPROBS
+from tandem.serve.tool_protocol import (
+    AssistantToolCall,
+    DeltaToolCall,
+    NamedToolChoice,
+    Tool,
+    ToolCall,
+    check_tools,
+)
 
 # OpenAI's caps: `logprobs` of the legacy completions API, `top_logprobs` of chat.
 MAX_COMPLETION_LOGPROBS = 5
@@ -198,9 +208,19 @@ class TextPart(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None  # assistant turns (content may be null)
+    tool_call_id: str | None = None  # tool turns: the call this is the result of
+
+    @model_validator(mode="after")
+    def _check_tool_fields(self):
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"tool_calls is only allowed in assistant messages, not {self.role}")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("tool messages, and only they, need tool_call_id")
+        return self
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -218,15 +238,15 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_CHAT_TOP_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None
-    tools: list[dict] | None = None
-    tool_choice: Literal["none"] | None = None
+    tools: list[Tool] | None = None
+    # None: "auto" when there are tools (as OpenAI and vLLM), else "none".
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
 
     @model_validator(mode="after")
     def _check_unsupported(self):
-        if self.tools:
-            raise ValueError("tools are not supported")
+        check_tools(self.tools, self.tool_choice)
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
@@ -311,7 +331,13 @@ class ChatLogprobs(_Response):
 
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # null when the reply is only tool calls
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_no_calls(self, handler):
+        # As OpenAI: no `tool_calls` key when there are none.
+        return {k: v for k, v in handler(self).items() if k != "tool_calls" or v}
 
 
 class ChatChoice(_Response):
@@ -334,6 +360,7 @@ class ChatCompletionResponse(_Response):
 class DeltaMessage(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):
