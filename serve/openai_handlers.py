@@ -16,6 +16,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tandem.serve.async_engine import AsyncEngine, EngineDeadError, RequestStream
+from tandem.serve.chat_template import render_chat
 from tandem.serve.formatting import ChatFormatter, CompletionFormatter, Formatter, TokenText
 from tandem.serve.metrics import ServerMetrics
 from tandem.serve.openai_errors import APIError, engine_error
@@ -26,6 +27,8 @@ from tandem.serve.protocol import (
     ErrorResponse,
 )
 from tandem.serve.sampling_params import SamplingParams
+from tandem.serve.tool_calls import plan_tools
+from tandem.serve.tool_parsers import detect_tool_parser, get_tool_parser
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +36,24 @@ logger = logging.getLogger(__name__)
 class OpenAIHandlers:
     """The bodies of /v1/completions and /v1/chat/completions over one engine."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str):
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        model_name: str,
+        *,
+        tool_call_parser: str | None = None,
+        enable_auto_tool_choice: bool = True,
+    ):
+        """`tool_call_parser`: the tool-call format of the model's output (a name in
+        serve/tool_parsers.py's registry); None: the one its chat template implies, if any.
+        `enable_auto_tool_choice` false: tool_choice "auto" is refused."""
         self.engine = engine
         self.model_name = model_name
         self.tokenizer = engine.tokenizer
         self.token_text = TokenText(engine.tokenizer)
+        parser_name = tool_call_parser or detect_tool_parser(engine.tokenizer)
+        self.tool_parser = get_tool_parser(parser_name) if parser_name else None
+        self.enable_auto_tool_choice = enable_auto_tool_choice
         self.metrics = ServerMetrics(
             engine.stats,
             lambda: engine.is_running,
@@ -56,7 +72,10 @@ class OpenAIHandlers:
         max_tokens: int | None,
         logprobs: int | None,
         arrival: float,
+        sampling_overrides: dict | None = None,
     ):
+        """`sampling_overrides`: SamplingParams fields set over the request's (a tool
+        choice's structured output)."""
         params = []
         for prompt in prompts:
             budget = max_tokens
@@ -71,7 +90,11 @@ class OpenAIHandlers:
                     )
             try:
                 params.append(
-                    SamplingParams(**req.sampling_kwargs(), max_tokens=budget, logprobs=logprobs)
+                    SamplingParams(
+                        **{**req.sampling_kwargs(), **(sampling_overrides or {})},
+                        max_tokens=budget,
+                        logprobs=logprobs,
+                    )
                 )
             except ValueError as e:
                 raise engine_error(e) from None
@@ -203,18 +226,31 @@ class OpenAIHandlers:
     async def chat(self, req: ChatCompletionRequest, request: Request):
         arrival = time.perf_counter()
         self._check_model(req)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
-            text = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=req.add_generation_prompt, tokenize=False
+            tools = plan_tools(req, self.tool_parser, self.enable_auto_tool_choice, self.tokenizer)
+        except ValueError as e:
+            raise APIError(400, str(e), param="tool_choice") from None
+        try:
+            text = render_chat(
+                self.tokenizer,
+                req.messages,
+                req.tools,
+                add_generation_prompt=req.add_generation_prompt,
             )
         except Exception as e:  # noqa: BLE001 - no template, or the template refused
             raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
         prompt = self.tokenizer.encode(text, add_special_tokens=False)
-        formatter = ChatFormatter(self.model_name, self.token_text, req)
+        formatter = ChatFormatter(self.model_name, self.token_text, req, tools)
         max_tokens = req.max_completion_tokens or req.max_tokens
         return await self.handle(
-            request, req, formatter, [prompt], max_tokens, req.num_logprobs, arrival
+            request,
+            req,
+            formatter,
+            [prompt],
+            max_tokens,
+            req.num_logprobs,
+            arrival,
+            tools.sampling_overrides(),
         )
 
 
