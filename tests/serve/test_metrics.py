@@ -10,8 +10,11 @@ preempts and queues. The scheduler's own counters are checked by hand on plain P
 from __future__ import annotations
 
 import asyncio
+import json
 import pickle
+import re
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -31,6 +34,7 @@ from tandem.serve.sampling_params import SamplingParams
 from tandem.serve.scheduler import Scheduler, SchedulerConfig
 from tandem.serve.sequence import Sequence
 
+DASHBOARD = Path(__file__).parents[2] / "docs" / "grafana" / "tandem.json"
 MODEL = "tiny"
 PAGE_SIZE = 16
 GREEDY = dict(temperature=0.0, extra_body={"ignore_eos": True})
@@ -251,6 +255,16 @@ def test_histograms_use_vllm_buckets(url):
         if name == "tandem:request_prompt_tokens_bucket"
     ]
     assert lengths == ["1.0", "2.0", "5.0", "10.0", "20.0", "50.0", "100.0", "+Inf"]
+
+
+def test_the_grafana_dashboard_reads_only_exported_series(url):
+    bad = httpx.post(f"{url}/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert bad.status_code == 400  # so that tandem_request_errors_total has a series
+    exported = {name for name, _ in scrape(url)}
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    exprs = [t["expr"] for p in panels for t in p["targets"]]
+    names = {n for e in exprs for n in re.findall(r"tandem[:_][a-z_:]+(?=[{\[)\s,]|$)", e)}
+    assert len(names) > 20 and names <= exported, names - exported
 
 
 def test_scheduler_counts_passes_finishes_and_prefix_hits():
