@@ -37,6 +37,7 @@ from tandem.model.transformer import Transformer
 from tandem.paged_cache import BlockManager
 from tandem.serve.buckets import bucket_for
 from tandem.serve.engine_config import EngineConfig, QueueFullError, num_kv_pages
+from tandem.serve.host_masks import HostMasks, all_allowed
 from tandem.serve.model_runner import ModelRunner
 from tandem.serve.output import RequestOutput
 from tandem.serve.prompt_logprobs import record_prompt_logprobs
@@ -122,6 +123,7 @@ class Engine:
         self.num_param_updates = 0
         self._request_serial = itertools.count()  # tells apart requests reusing a finished id
         self.slots = SlotTable(self.runner, self.blocks, cfg.vocab_size, self._stop_ids)
+        self.host_masks = HostMasks(tokenizer, cfg.vocab_size, self._eos)
         self._in_flight: collections.deque[_Call] = collections.deque()
 
     @property
@@ -155,6 +157,7 @@ class Engine:
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
         params.check_token_ids(vocab)
+        self.host_masks.check(params)  # a grammar that does not compile
         if len(prompt) + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"this model's maximum context length is {self.max_model_len} tokens; the "
@@ -209,7 +212,12 @@ class Engine:
         """Dispatches the next call, then returns the outputs of the call before it (of this
         one, without `async_scheduling`, or when nothing new could be dispatched)."""
         changed: list[Sequence] = []
-        lookahead = self.config.num_decode_steps
+        # A running sequence with a host mask (a grammar) needs the tokens in flight for
+        # its next mask: one step per call, none ahead (serve/host_masks.py).
+        constrained = any(seq.host_mask is not None for seq in self.scheduler.running)
+        while constrained and self._in_flight:
+            changed += self._collect(self._in_flight.popleft())
+        lookahead = 1 if constrained else self.config.num_decode_steps
         plan = self.scheduler.schedule(lookahead, can_preempt=not self._in_flight)
         if plan.needs_drain:  # a preemption must see every token first
             if plan.copies:  # made by reservations before the stop: still owed
@@ -219,7 +227,7 @@ class Engine:
             plan = self.scheduler.schedule(lookahead)
         if plan.chunks:
             self._in_flight.append(self._dispatch(plan))
-        keep = 1 if plan.chunks and self.config.async_scheduling else 0
+        keep = 1 if plan.chunks and self.config.async_scheduling and not constrained else 0
         while len(self._in_flight) > keep:
             changed += self._collect(self._in_flight.popleft())
         return self._outputs(changed)
@@ -272,6 +280,7 @@ class Engine:
         self.slots.sync([(c.seq, c.start) for c in plan.chunks] + [(c, 0) for c in children])
         if plan.copies:
             self.runner.copy_blocks([(c.src_block, c.dst_block) for c in plan.copies])
+        bitmask = self._bitmask(members + children)
         if plan.has_prefill:
             step = mixed_step(
                 plan,
@@ -281,14 +290,14 @@ class Engine:
             )
             rows = [seq for seq, _, _ in step.rows]
             result, logits = self.runner.mixed(
-                step.inputs, self._num_top_of(rows), step.want_logits, _is_full(rows)
+                step.inputs, self._num_top_of(rows), step.want_logits, _is_full(rows), bitmask
             )
             return _Call(result, step.rows, logits, step.prompt_chunks)
         num_slots = bucket_for(max(c.seq.slot for c in plan.chunks) + 1, self.runner.slot_buckets)
         # Rounded up to a step bucket: the device stops each slot at its own cap.
         num_steps = bucket_for(max(c.num_tokens for c in plan.chunks), self.runner.step_buckets)
         result = self.runner.decode(
-            num_steps, num_slots, self._num_top_of(members), _is_full(members)
+            num_steps, num_slots, self._num_top_of(members), _is_full(members), bitmask
         )
         return _Call(result, [(c.seq, c.seq.slot, c.num_tokens) for c in plan.chunks])
 
@@ -323,6 +332,10 @@ class Engine:
             return []
         first = not seq.output_token_ids
         accepted, reason = seq.append_until_stop(produced.tolist(), result, row, self._eos)
+        if seq.host_mask is not None and seq.host_mask.accept(accepted):
+            if seq.host_mask.failed:
+                raise ValueError(seq.host_mask.failed)
+            reason = reason or "stop"  # the grammar is complete
         if first and seq.index == 0:
             seq.request.num_cached_tokens = seq.num_cached_tokens
             self.num_prompt_tokens += len(seq.prompt_token_ids)
@@ -330,6 +343,16 @@ class Engine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
         return accepted
+
+    def _bitmask(self, seqs: list[Sequence]) -> np.ndarray | None:
+        """i32[S, W], the tokens each slot may sample, when a sequence has a host mask."""
+        masked = [seq for seq in seqs if seq.host_mask is not None]
+        if not masked:
+            return None
+        bitmask = all_allowed(self.config.max_num_seqs, self.model_config.vocab_size)
+        for seq in masked:
+            seq.host_mask.fill(bitmask, seq.slot)
+        return bitmask
 
     def _fail(self, request: Request, error: str) -> None:
         request.error = error
@@ -360,6 +383,7 @@ class Engine:
             index=index,
             stops=StopChecker(self.tokenizer, params) if self.tokenizer is not None else None,
             logprobs=[] if params.logprobs is not None else None,
+            host_mask=self.host_masks.make(params),
         )
         request.seqs.append(seq)
         return seq

@@ -91,7 +91,7 @@ class OpenAIHandlers:
             try:
                 params.append(
                     SamplingParams(
-                        **{**req.sampling_kwargs(), **(sampling_overrides or {})},
+                        **{**req.sampling_kwargs(self.tokenizer), **(sampling_overrides or {})},
                         max_tokens=budget,
                         logprobs=logprobs,
                     )

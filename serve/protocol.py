@@ -1,7 +1,7 @@
 """The OpenAI request and response shapes the HTTP server speaks (pydantic v2).
 
 Requests are strict: a wrong type, an unknown field or a feature the server lacks
-(`suffix`, `best_of` != n, `logit_bias`) fails validation, which the server answers
+(`suffix`, `best_of` != n) fails validation, which the server answers
 with a 400 in OpenAI's error shape. Sampling bounds are left to `SamplingParams`, whose
 ValueError names the field. vLLM's extra sampling fields are accepted too, `prompt_logprobs`
 among them.
@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from tandem.serve.sampling_params import MAX_LOGPROBS
+from tandem.serve.structured_protocol import StructuredRequest
 from tandem.serve.tool_protocol import (
     AssistantToolCall,
     DeltaToolCall,
@@ -72,8 +73,9 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class _SamplingRequest(_Request):
-    """Fields shared by completions and chat completions."""
+class _SamplingRequest(StructuredRequest):
+    """Fields shared by completions and chat completions (and, from StructuredRequest,
+    `response_format` and vLLM's structured-output fields)."""
 
     model: str | None = None
     max_tokens: int | None = None
@@ -98,11 +100,15 @@ class _SamplingRequest(_Request):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    min_tokens: int = 0
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
 
     @model_validator(mode="after")
     def _check_common(self):
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
+        for key in self.logit_bias or {}:
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         if self.prompt_logprobs is not None and self.stream:
@@ -110,8 +116,9 @@ class _SamplingRequest(_Request):
             raise ValueError("prompt_logprobs is not available when stream is true")
         return self
 
-    def sampling_kwargs(self) -> dict[str, Any]:
-        """The SamplingParams fields this request sets (None means the default)."""
+    def sampling_kwargs(self, tokenizer=None) -> dict[str, Any]:
+        """The SamplingParams fields this request sets (None means the default); raises
+        ValueError naming a malformed field. `tokenizer` turns `bad_words` into ids."""
         fields = {
             "n": self.n,
             "temperature": self.temperature,
@@ -128,6 +135,13 @@ class _SamplingRequest(_Request):
             "include_stop_str_in_output": self.include_stop_str_in_output,
             "skip_special_tokens": self.skip_special_tokens,
             "prompt_logprobs": self.num_prompt_logprobs,
+            "logit_bias": {int(k): v for k, v in self.logit_bias.items()}
+            if self.logit_bias
+            else None,
+            "min_tokens": self.min_tokens,
+            "allowed_token_ids": self.allowed_token_ids,
+            "bad_words": bad_word_ids(self.bad_words, tokenizer) if self.bad_words else None,
+            "structured_output": self.structured_output(),
         }
         return {k: v for k, v in fields.items() if v is not None}
 
@@ -139,6 +153,22 @@ class _SamplingRequest(_Request):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+
+def bad_word_ids(words: list[str], tokenizer) -> list[list[int]]:
+    """vLLM's bad_words: each word's ids, as written and after a space (a word mid-text is
+    usually its own token with the space), without special tokens."""
+    if tokenizer is None:
+        raise ValueError("bad_words needs the model's tokenizer")
+    ids = {}
+    for word in words:
+        if not isinstance(word, str) or not word.strip():
+            raise ValueError(f"bad_words must hold non-empty strings, got {word!r}")
+        for text in (word.lstrip(), " " + word.lstrip()):
+            tokens = tokenizer.encode(text, add_special_tokens=False)
+            if tokens:
+                ids[tuple(tokens)] = None
+    return [list(t) for t in ids]
 
 
 def _is_token_ids(x) -> bool:
@@ -228,16 +258,11 @@ class ChatMessage(_Request):
         return "".join(part.text for part in self.content)
 
 
-class ResponseFormat(_Request):
-    type: Literal["text"]
-
-
 class ChatCompletionRequest(_SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_CHAT_TOP_LOGPROBS)] | None = None
-    response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     # None: "auto" when there are tools (as OpenAI and vLLM), else "none".
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -395,3 +420,50 @@ class ModelCard(_Response):
 class ModelList(_Response):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# vLLM's tokenizer endpoints: POST /tokenize (a prompt, or chat messages rendered with the
+# chat template), POST /detokenize, GET /version. Served at the root, not under /v1, as vLLM.
+
+
+class TokenizeCompletionRequest(_Request):
+    model: str | None = None
+    prompt: Annotated[str, Field(min_length=1)]
+    add_special_tokens: bool = True
+    return_token_strs: bool | None = False
+
+
+class TokenizeChatRequest(_Request):
+    model: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    # The chat template adds the special tokens it wants; these are on top of them.
+    add_special_tokens: bool = False
+    return_token_strs: bool | None = False
+
+    @model_validator(mode="after")
+    def _check_prompt_ending(self):
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        return self
+
+
+class TokenizeResponse(_Response):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None  # with return_token_strs: each token's vocabulary entry
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(_Response):
+    prompt: str
+
+
+class VersionResponse(_Response):
+    version: str

@@ -78,6 +78,7 @@ class Sequence:
     num_ids_emitted: int = 0  # output ids already returned in an output
     stops: StopChecker | None = None
     logprobs: list[TokenLogprob] | None = None
+    host_mask: Any = None  # serve/host_masks.py HostMask: a grammar, long bad words
 
     @property
     def token_ids(self) -> list[int]:
