@@ -141,7 +141,9 @@ def metrics_table(metrics: dict, slos_ms: dict[str, float] | None = None) -> str
 # HTTP.
 
 
-def _request_body(endpoint: str, model: str, req: BenchRequest, ignore_eos: bool) -> dict:
+def _request_body(
+    endpoint: str, model: str, req: BenchRequest, ignore_eos: bool, extra: dict | None = None
+) -> dict:
     body = {
         "model": model,
         "temperature": 0.0,
@@ -155,7 +157,7 @@ def _request_body(endpoint: str, model: str, req: BenchRequest, ignore_eos: bool
     else:
         body["prompt"] = req.prompt
         body["max_tokens"] = req.output_len
-    return body
+    return {**body, **(extra or {})}
 
 
 def _chunk_text(chunk: dict, endpoint: str) -> str:
@@ -234,9 +236,10 @@ async def run_benchmark(
     ignore_eos: bool = True,
     warmups: Sequence[BenchRequest] = (),
     timeout_s: float = 3600.0,
+    extra_body: dict | None = None,
 ) -> tuple[list[RequestRecord], float, str]:
     """Sends `warmups` one by one, then `requests[i]` at `arrivals[i]` seconds; returns
-    (records, duration, model)."""
+    (records, duration, model). `extra_body` joins every request's body."""
     base_url = base_url.rstrip("/")
     url = f"{base_url}/{'chat/completions' if endpoint == 'chat' else 'completions'}"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -249,7 +252,11 @@ async def run_benchmark(
 
         def send(req: BenchRequest):
             return send_request(
-                client, url, _request_body(endpoint, model, req, ignore_eos), endpoint, req
+                client,
+                url,
+                _request_body(endpoint, model, req, ignore_eos, extra_body),
+                endpoint,
+                req,
             )
 
         for req in warmups:
@@ -316,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
     add_flag(parser, "--num-warmups", type=int, default=1)
     add_flag(parser, "--request-timeout", type=float, default=3600.0, help="seconds")
+    add_flag(parser, "--extra-body", type=json.loads, default=None,
+             help='JSON merged into every request, e.g. {"response_format": {...}}')  # fmt: skip
     add_flag(parser, "--result-json", default=None)
     return parser
 
@@ -365,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                 ignore_eos=args.ignore_eos,
                 warmups=warmups,
                 timeout_s=args.request_timeout,
+                extra_body=args.extra_body,
             )
         )
     except (RuntimeError, httpx.HTTPError) as e:  # no server, or the warm-up failed

@@ -29,8 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dtype_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max_model_len", type=int, default=None)
-    parser.add_argument("--max_num_seqs", type=int, default=64)
-    parser.add_argument("--max_num_batched_tokens", type=int, default=512)
+    parser.add_argument(
+        "--max_num_seqs", type=int, default=None, help="default: 256 on a GPU/TPU, 64 on a CPU"
+    )
+    parser.add_argument(
+        "--max_num_batched_tokens",
+        type=int,
+        default=None,
+        help="tokens per step; default: 8192 on a GPU/TPU, 512 on a CPU",
+    )
     parser.add_argument("--page_size", type=int, default=16)
     parser.add_argument("--num_pages", type=int, default=None)
     parser.add_argument("--policy", choices=["fcfs", "priority", "vtc"], default="fcfs")

@@ -66,7 +66,7 @@ def build_engine(spec: EngineSpec, mesh=None):
     from tandem.model.loading import config_for, load
     from tandem.serve.engine import Engine, EngineConfig
     from tandem.serve.llm import tensor_parallel_mesh
-    from tandem.serve.startup import enable_compilation_cache, warm_up_engine
+    from tandem.serve.startup import enable_compilation_cache, serving_defaults, warm_up_engine
 
     enable_compilation_cache(spec.compilation_cache_dir)
     if mesh is None:
@@ -76,7 +76,7 @@ def build_engine(spec: EngineSpec, mesh=None):
             flag=spec.tensor_parallel_flag,
         )
     model, tokenizer, name = load(spec.model_source, dtype=spec.dtype, seed=spec.seed, mesh=mesh)
-    config = EngineConfig(**spec.engine_config)
+    config = EngineConfig(**serving_defaults(spec.engine_config))
     engine = Engine(model, tokenizer, config, model_name=spec.served_model_name or name, mesh=mesh)
     warm_up_engine(engine, spec.warm_up)
     return engine

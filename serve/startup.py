@@ -1,5 +1,5 @@
-"""Defaults that reach the hardware: the compilation cache and warm-up (the weights'
-dtype, `--dtype auto`, is model/loading.py's `resolve_dtype`).
+"""Defaults that reach the hardware: the batch size, the compilation cache and warm-up (the
+weights' dtype, `--dtype auto`, is model/loading.py's `resolve_dtype`).
 
 The persistent compilation cache (JAX's) makes a second start of the same model skip XLA
 compilation; on an accelerator it is on by default, under ~/.cache/tandem/jax.
@@ -12,6 +12,19 @@ import os
 import jax
 
 from tandem.model.loading import on_accelerator
+
+# `tandem serve`'s batch when its flags leave it open: vLLM's online-serving defaults on a
+# GPU or TPU (8192 tokens per step; 256 sequences, V0's, which our slot buckets cover in
+# six compilations), small ones on a CPU, where steps are slow and compiles dear.
+ACCELERATOR_BATCH = dict(max_num_seqs=256, max_num_batched_tokens=8192)
+CPU_BATCH = dict(max_num_seqs=64, max_num_batched_tokens=512)
+
+
+def serving_defaults(engine_config: dict) -> dict:
+    """`engine_config` with its None batch fields (max_num_seqs, max_num_batched_tokens)
+    set for this process's platform."""
+    defaults = ACCELERATOR_BATCH if on_accelerator() else CPU_BATCH
+    return {**engine_config, **{k: v for k, v in defaults.items() if engine_config.get(k) is None}}
 
 
 def enable_compilation_cache(cache_dir: str | None = None) -> str | None:

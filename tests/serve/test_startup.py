@@ -31,3 +31,16 @@ def test_llm_takes_text_ids_and_vllm_prompt_dicts():
         llm._prompt_ids({"text": "hi"})
     with pytest.raises(ValueError, match="non-integer"):
         llm._prompt_ids([1.5, 2])
+
+
+def test_serving_defaults_fill_only_what_the_flags_left_open():
+    from tandem.serve.startup import CPU_BATCH, serving_defaults
+
+    # This suite runs on a CPU: the small batch.
+    assert serving_defaults({"max_num_seqs": None, "page_size": 8}) == {
+        "max_num_seqs": CPU_BATCH["max_num_seqs"],
+        "max_num_batched_tokens": CPU_BATCH["max_num_batched_tokens"],
+        "page_size": 8,
+    }
+    given = {"max_num_seqs": 3, "max_num_batched_tokens": 48}
+    assert serving_defaults(given) == given
