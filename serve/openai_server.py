@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server: FastAPI over `AsyncEngine`.
 
 `build_app(async_engine)` serves /v1/completions, /v1/chat/completions, /v1/models,
-/health and /metrics; the handlers (serve/openai_handlers.py) only validate, tokenize,
+/health and /metrics, and vLLM's /tokenize, /detokenize and /version
+(serve/openai_tokenize.py); the handlers (serve/openai_handlers.py) only validate, tokenize,
 enqueue and await (the engine runs on its own thread or process). Every error has
 OpenAI's body (serve/openai_errors.py); a missing or wrong API key is a 401. `serve(...)`
 builds the engine and runs the app with uvicorn.
@@ -12,8 +13,9 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Annotated
 
-from fastapi import FastAPI, Request
+from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -22,7 +24,14 @@ from tandem.serve.async_engine import AsyncEngine
 from tandem.serve.metrics import CONTENT_TYPE
 from tandem.serve.openai_errors import APIError, engine_error, error_response, validation_error
 from tandem.serve.openai_handlers import OpenAIHandlers
-from tandem.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from tandem.serve.openai_tokenize import TokenizeHandlers, parse_tokenize_request, version
+from tandem.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+)
 from tandem.serve.tool_parsers import get_tool_parser
 
 logger = logging.getLogger(__name__)
@@ -110,6 +119,22 @@ def build_app(
     async def models():
         card = ModelCard(id=handlers.model_name, max_model_len=async_engine.max_model_len)
         return ModelList(data=[card]).model_dump()
+
+    tokenizing = TokenizeHandlers(
+        handlers.tokenizer, handlers.model_name, async_engine.max_model_len
+    )
+
+    @app.post("/tokenize")
+    async def tokenize(body: Annotated[dict, Body()]):
+        return tokenizing.tokenize(parse_tokenize_request(body)).model_dump()
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        return tokenizing.detokenize(req).model_dump()
+
+    @app.get("/version")
+    async def server_version():
+        return version().model_dump()
 
     @app.get("/health")
     async def health():

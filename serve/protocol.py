@@ -436,17 +436,11 @@ class TokenizeCompletionRequest(_Request):
 class TokenizeChatRequest(_Request):
     model: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    tools: list[Tool] | None = None  # rendered by the template, as chat completions do
     add_generation_prompt: bool = True
-    continue_final_message: bool = False
     # The chat template adds the special tokens it wants; these are on top of them.
     add_special_tokens: bool = False
     return_token_strs: bool | None = False
-
-    @model_validator(mode="after")
-    def _check_prompt_ending(self):
-        if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
-        return self
 
 
 class TokenizeResponse(_Response):
