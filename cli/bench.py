@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHMARKS = ("serve", "throughput", "fairness", "attention", "engine_e2e", "decode_steady")
+BENCHMARKS = (
+    "serve",
+    "throughput",
+    "fairness",
+    "attention",
+    "engine_e2e",
+    "decode_steady",
+    "grammar_mask",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
