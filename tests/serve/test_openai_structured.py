@@ -158,7 +158,9 @@ def test_regex_choice_and_json_object(url, client):
     for text in texts[10:20]:
         assert text in choices
     # A random model in a free-form object may run out of tokens; those that finish parse.
-    finished = [t for t, r in zip(texts[20:], responses[20:]) if r.choices[0].finish_reason == "stop"]
+    finished = [
+        t for t, r in zip(texts[20:], responses[20:]) if r.choices[0].finish_reason == "stop"
+    ]
     assert finished
     assert all(isinstance(json.loads(t), dict) for t in finished)
 
@@ -189,7 +191,15 @@ def test_streamed_chat_equals_the_whole_response(client):
 @pytest.mark.parametrize(
     "extra, field",
     [
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}, "nope"),  # noqa: E501
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "nope"}},
+                }
+            },
+            "nope",
+        ),  # noqa: E501
         ({"extra_body": {"guided_regex": "(unclosed"}}, "regex"),
         ({"extra_body": {"guided_choice": []}}, "choice"),
         ({"extra_body": {"guided_regex": "a", "guided_choice": ["a"]}}, "guided_choice"),
