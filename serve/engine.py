@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -280,7 +281,9 @@ class Engine:
         self.slots.sync([(c.seq, c.start) for c in plan.chunks] + [(c, 0) for c in children])
         if plan.copies:
             self.runner.copy_blocks([(c.src_block, c.dst_block) for c in plan.copies])
-        bitmask = self._bitmask(members + children)
+        masked = [seq for seq in members + children if seq.host_mask is not None]
+        # Computed while the device runs the step's forward (serve/steps.py).
+        bitmask = functools.partial(self._bitmask, masked) if masked else None
         if plan.has_prefill:
             step = mixed_step(
                 plan,
@@ -344,11 +347,8 @@ class Engine:
             self.scheduler.finish(seq, reason)
         return accepted
 
-    def _bitmask(self, seqs: list[Sequence]) -> np.ndarray | None:
-        """i32[S, W], the tokens each slot may sample, when a sequence has a host mask."""
-        masked = [seq for seq in seqs if seq.host_mask is not None]
-        if not masked:
-            return None
+    def _bitmask(self, masked: list[Sequence]) -> np.ndarray:
+        """i32[S, W], the tokens each slot may sample: all but those of `masked`."""
         bitmask = all_allowed(self.config.max_num_seqs, self.model_config.vocab_size)
         for seq in masked:
             seq.host_mask.fill(bitmask, seq.slot)

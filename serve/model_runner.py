@@ -6,110 +6,48 @@ slots: the host says which slots take part and what changed, and the runner disp
 
 - `mixed`: one step over prefill chunks (tokens from the host) and decodes (tokens from
   their slots), sampling the rows that complete;
-- `decode`: up to `num_steps` decode steps of every active slot in one call (a
-  `while_loop` on device that samples, writes the tokens back and checks the stops,
-  leaving early once every slot has stopped).
+- `decode`: up to `num_steps` decode steps of every active slot in one call (a counted
+  loop on device that samples, writes the tokens back and checks the stops).
 
 Both return a `StepResult` of device arrays whose copy to the host has started; the
 engine reads it a call later (`jax.device_get`), so the host plans the next call while
-the device runs this one. KV pages and the batch are donated: the largest buffers, never
-read again after the call that rewrites them.
+the device runs this one. Given a bitmask function (a grammar's allowed tokens), a step
+is dispatched in two halves and the function runs while the device computes the forward
+(serve/steps.py, where the jitted functions are).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import time
-from typing import NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tandem.model.attention_metadata import AttentionMetadata
 from tandem.model.kv_cache import KV_AXES, copy_blocks, init_kv_cache
 from tandem.model.sharding import mesh_context, named_sharding
 from tandem.model.transformer import Transformer
 from tandem.serve import device_batch as db
 from tandem.serve.buckets import power_of_two_at_least, power_of_two_buckets
-from tandem.serve.sampler import sample
 from tandem.serve.sampling_params import MAX_LOGPROBS
+from tandem.serve.steps import (
+    STEP_JITS,
+    MixedInputs,
+    StepResult,
+    decode_jit,
+    decode_logits_jit,
+    decode_masked_jit,
+    mixed_inputs,
+    mixed_jit,
+    mixed_logits_jit,
+    mixed_masked_jit,
+)
 
 # Entries of a block-table or penalty diff are padded to powers of two from here.
 MIN_ENTRIES = 64
-
-
-class StepResult(NamedTuple):
-    """R sampled rows per step, k steps (1 for `mixed`). Token -1: the row produced
-    nothing (a padding row, a stopped slot, or a step after every slot stopped)."""
-
-    tokens: jax.Array  # i32[k, R]
-    logprobs: jax.Array  # f32[k, R]
-    top_ids: jax.Array  # i32[k, R, K]
-    top_logprobs: jax.Array  # f32[k, R, K]
-
-
-@dataclasses.dataclass(frozen=True)
-class MixedInputs:
-    """A mixed step's layout on the host: T padded tokens, S sequence rows (S = slots)."""
-
-    token_ids: np.ndarray  # i32[T] prefill tokens (decode rows: read from their slot)
-    token_slots: np.ndarray  # i32[T] slot of each token's sequence; S pads
-    positions: np.ndarray  # i32[T]
-    is_decode: np.ndarray  # i32[T] 1: the input is the slot's last sampled token
-    cu_q_lens: np.ndarray  # i32[S + 1]
-    kv_lens: np.ndarray  # i32[S]
-    seq_slots: np.ndarray  # i32[S] the slot of each scheduled sequence (its block table)
-    num_seqs: np.ndarray  # i32[1]
-    sample_rows: np.ndarray  # i32[S] which token's logits each sampled row reads
-    sample_slots: np.ndarray  # i32[S] the slot that takes the token; S pads
-    sample_positions: np.ndarray  # i32[S] where the sampled token sits
-    sample_is_decode: np.ndarray  # i32[S] 1: counts only while the slot is active
-
-    def pack(self) -> np.ndarray:
-        """One i32 vector: one transfer instead of twelve. Each field starts at a multiple
-        of 256 bytes: XLA may hand a slice to a kernel as a view, and the Mosaic GPU
-        kernel takes only aligned buffers."""
-        parts = []
-        for f in dataclasses.fields(self):
-            x = getattr(self, f.name)
-            parts += [x, np.zeros(_aligned(x.size) - x.size, np.int32)]
-        return np.concatenate(parts)
-
-    @classmethod
-    def unpack(cls, flat: jax.Array, num_tokens: int, num_slots: int) -> MixedInputs:
-        sizes = [num_tokens] * 4 + [num_slots + 1, num_slots, num_slots, 1] + [num_slots] * 4
-        parts, start = [], 0
-        for n in sizes:
-            parts.append(flat[start : start + n])
-            start += _aligned(n)
-        return cls(*parts)
-
-
-def _aligned(n: int) -> int:
-    """n int32s rounded up to whole 256-byte blocks."""
-    return -(-n // 64) * 64
-
-
-def mixed_inputs(num_tokens: int, num_slots: int) -> dict[str, np.ndarray]:
-    """Padding for every field of a T-token step (filled in place by the engine)."""
-    s = num_slots
-    return dict(
-        token_ids=np.zeros(num_tokens, np.int32),
-        token_slots=np.full(num_tokens, s, np.int32),
-        positions=np.zeros(num_tokens, np.int32),
-        is_decode=np.zeros(num_tokens, np.int32),
-        cu_q_lens=np.zeros(s + 1, np.int32),
-        kv_lens=np.zeros(s, np.int32),
-        seq_slots=np.zeros(s, np.int32),
-        num_seqs=np.zeros(1, np.int32),
-        sample_rows=np.zeros(s, np.int32),
-        sample_slots=np.full(s, s, np.int32),
-        sample_positions=np.zeros(s, np.int32),
-        sample_is_decode=np.zeros(s, np.int32),
-    )
 
 
 class ModelRunner:
@@ -213,22 +151,28 @@ class ModelRunner:
         num_slots: int,
         num_top: int,
         is_full: bool = True,
-        bitmask: np.ndarray | None = None,
+        bitmask: Callable[[], np.ndarray] | None = None,
     ) -> StepResult:
         """`num_steps` (a step bucket) decode steps of the first `num_slots` slots (a slot
         bucket). A slot stops on device at its stop ids and length cap and produces
-        nothing after; the caller plans no slot past its cap. `bitmask` i32[S, W]: the
-        tokens each slot may sample (one step only: a mask holds for the step it was
-        computed for)."""
+        nothing after; the caller plans no slot past its cap. `bitmask() -> i32[S, W]`:
+        the tokens each slot may sample, called while the forward runs (one step only: a
+        mask holds for the step it was computed for)."""
         if bitmask is not None and num_steps != 1:
             raise ValueError(f"a bitmask holds for one step, not {num_steps}")
+        model = dict(graphdef=self.graphdef, page_size=self.page_size, num_slots=num_slots)
+        sampling = dict(num_slots=num_slots, num_top=num_top, is_full=is_full)
         with mesh_context(self.mesh):
-            self.kv, self.batch, result = _decode_jit(
-                self._leaves, self.kv, self.batch, self._next_key(), bitmask,
-                graphdef=self.graphdef,
-                page_size=self.page_size, num_steps=num_steps, num_slots=num_slots,
-                num_top=num_top, is_full=is_full,
-            )  # fmt: skip
+            if bitmask is None:
+                self.kv, self.batch, result = decode_jit(
+                    self._leaves, self.kv, self.batch, self._next_key(),
+                    num_steps=num_steps, **model, num_top=num_top, is_full=is_full,
+                )  # fmt: skip
+            else:
+                self.kv, logits = decode_logits_jit(self._leaves, self.kv, self.batch, **model)
+                self.batch, result = decode_masked_jit(
+                    self.batch, logits, self._next_key(), bitmask(), **sampling
+                )
         return _start_copy(result)
 
     def mixed(
@@ -237,17 +181,28 @@ class ModelRunner:
         num_top: int,
         want_logits: bool,
         is_full: bool = True,
-        bitmask: np.ndarray | None = None,
+        bitmask: Callable[[], np.ndarray] | None = None,
     ) -> tuple[StepResult, jax.Array | None]:
         """One step; with `want_logits` also f32[T, V], the logits of every token.
-        `bitmask` i32[S, W]: the tokens each slot may sample."""
+        `bitmask() -> i32[S, W]`: the tokens each slot may sample, called while the
+        forward runs."""
         num_tokens = inputs.token_ids.shape[0]
+        model = dict(graphdef=self.graphdef, page_size=self.page_size, num_tokens=num_tokens)
+        sampling = dict(num_tokens=num_tokens, num_top=num_top, is_full=is_full)
         with mesh_context(self.mesh):
-            self.kv, self.batch, result, logits = _mixed_jit(
-                self._leaves, self.kv, self.batch, self._next_key(), inputs.pack(), bitmask,
-                graphdef=self.graphdef, page_size=self.page_size, num_tokens=num_tokens,
-                num_top=num_top, is_full=is_full, want_logits=want_logits,
-            )  # fmt: skip
+            if bitmask is None:
+                self.kv, self.batch, result, logits = mixed_jit(
+                    self._leaves, self.kv, self.batch, self._next_key(), inputs.pack(),
+                    **model, num_top=num_top, is_full=is_full, want_logits=want_logits,
+                )  # fmt: skip
+            else:
+                packed = jnp.asarray(inputs.pack())
+                self.kv, rows, logits = mixed_logits_jit(
+                    self._leaves, self.kv, self.batch, packed, **model, want_logits=want_logits
+                )
+                self.batch, result = mixed_masked_jit(
+                    self.batch, rows, self._next_key(), packed, bitmask(), **sampling
+                )
         return _start_copy(result), logits
 
     def warm_up(self, *, full: bool = True, logprobs: bool = False) -> float:
@@ -277,7 +232,7 @@ class ModelRunner:
     @property
     def num_compiles(self) -> int:
         """Step compilations in this process (shared by runners of one architecture)."""
-        return _decode_jit._cache_size() + _mixed_jit._cache_size()
+        return sum(f._cache_size() for f in STEP_JITS)
 
     def _entries(self, entries) -> np.ndarray:
         n = power_of_two_at_least(len(entries), MIN_ENTRIES)
@@ -343,90 +298,3 @@ def _start_copy(result: StepResult) -> StepResult:
     for x in result:
         x.copy_to_host_async()
     return result
-
-
-def _decode(params, kv, batch, key, bitmask, *, graphdef, page_size, num_steps, num_slots,
-            num_top, is_full):  # fmt: skip
-    model = graphdef.merge(params)
-    slots = jnp.arange(num_slots, dtype=jnp.int32)
-    out = StepResult(
-        jnp.full((num_steps, num_slots), -1, jnp.int32),
-        jnp.zeros((num_steps, num_slots), jnp.float32),
-        jnp.zeros((num_steps, num_slots, num_top), jnp.int32),
-        jnp.zeros((num_steps, num_slots, num_top), jnp.float32),
-    )
-
-    def body(i, carry):
-        kv, batch, out = carry
-        active = batch.active[:num_slots]
-        tokens, md = db.decode_metadata(batch, num_slots, page_size)
-        x, kv = model.paged_features(tokens, kv, md)
-        logits = model.logits(x)  # [B, V]
-        rows = db.rows_of(batch, slots, num_top, is_full)
-        mask = None if bitmask is None else bitmask[:num_slots]
-        res = sample(logits, rows, jax.random.fold_in(key, i), mask)
-        batch, _ = db.advance(batch, slots, res.tokens, md.positions + 1, active)
-        out = StepResult(
-            out.tokens.at[i].set(jnp.where(active, res.tokens, -1)),
-            out.logprobs.at[i].set(res.logprobs),
-            out.top_ids.at[i].set(res.top_ids),
-            out.top_logprobs.at[i].set(res.top_logprobs),
-        )
-        return kv, batch, out
-
-    # A counted loop: the trip count is static, so the GPU never waits on the host to
-    # read a loop predicate between steps (a while_loop on a device value would).
-    kv, batch, out = jax.lax.fori_loop(0, num_steps, body, (kv, batch, out))
-    return kv, batch, out
-
-
-def _mixed(params, kv, batch, key, packed, bitmask, *, graphdef, page_size, num_tokens, num_top,
-           is_full, want_logits):  # fmt: skip
-    model = graphdef.merge(params)
-    num_slots = batch.active.shape[0]
-    inp = MixedInputs.unpack(packed, num_tokens, num_slots)
-    safe = jnp.minimum(inp.token_slots, num_slots - 1)
-    is_decode = inp.is_decode > 0
-    tokens = jnp.where(is_decode, batch.tokens[safe], inp.token_ids)
-    # A decode row of a slot the device already stopped writes nothing.
-    is_live = (inp.token_slots < num_slots) & (~is_decode | batch.active[safe])
-    pos = inp.positions
-    page = batch.block_table[safe, pos // page_size]
-    md = AttentionMetadata(
-        positions=pos,
-        slot_mapping=jnp.where(is_live, page * page_size + pos % page_size, -1),
-        kv_lens=inp.kv_lens,
-        page_indices=batch.block_table[inp.seq_slots],
-        cu_q_lens=inp.cu_q_lens,
-        num_seqs=inp.num_seqs,
-    )
-    x, kv = model.paged_features(tokens, kv, md)  # [T, D]
-    logits = model.logits(x[inp.sample_rows])  # [S, V]
-    row_slots = jnp.minimum(inp.sample_slots, num_slots - 1)
-    mask = None if bitmask is None else bitmask[row_slots]
-    res = sample(logits, db.rows_of(batch, row_slots, num_top, is_full), key, mask)
-    row_live = (inp.sample_slots < num_slots) & (
-        (inp.sample_is_decode == 0) | batch.active[row_slots]
-    )
-    batch, _ = db.advance(batch, inp.sample_slots, res.tokens, inp.sample_positions, row_live)
-    out = StepResult(
-        jnp.where(row_live, res.tokens, -1)[None],
-        res.logprobs[None],
-        res.top_ids[None],
-        res.top_logprobs[None],
-    )
-    return kv, batch, out, (model.logits(x) if want_logits else None)
-
-
-# Module-level, keyed on the model's graph: engines of the same architecture and shapes
-# (a server and a bench, RL runs, tests) share their compilations.
-_decode_jit = jax.jit(
-    _decode,
-    static_argnames=("graphdef", "page_size", "num_steps", "num_slots", "num_top", "is_full"),
-    donate_argnums=(1, 2),
-)
-_mixed_jit = jax.jit(
-    _mixed,
-    static_argnames=("graphdef", "page_size", "num_tokens", "num_top", "is_full", "want_logits"),
-    donate_argnums=(1, 2),
-)

@@ -6,9 +6,9 @@ import dataclasses
 
 import numpy as np
 
-from tandem.serve.model_runner import MixedInputs, mixed_inputs
 from tandem.serve.scheduler import SchedulerOutput
 from tandem.serve.sequence import Sequence
+from tandem.serve.steps import MixedInputs, mixed_inputs
 
 
 @dataclasses.dataclass
