@@ -22,7 +22,6 @@ from tandem.serve.structured_output import (
     allocate_bitmask,
     apply_bitmask,
     apply_bitmask_numpy,
-    lark_to_ebnf,
 )
 
 PAD = 37  # model vocab = tokenizer length + PAD: ids the tokenizer does not have.
@@ -274,6 +273,13 @@ NUMBER: /-?[0-9]+/
 WORD: "a".."z" ~ 1..3
 """
 LARK_TEXT = r"\[((-?[0-9]+|[a-z]{1,3})(,(-?[0-9]+|[a-z]{1,3}))*)?\]"
+# llguidance's native Lark: common imports, case-insensitive literals and regex flags.
+LARK_NATIVE = r"""
+%import common.SIGNED_INT
+start: "v=" SIGNED_INT " " answer
+answer: "yes"i | /no/i
+"""
+LARK_NATIVE_TEXT = r"v=[+-]?[0-9]+ ([yY][eE][sS]|[nN][oO])"
 
 
 def test_lark_and_ebnf_grammars(setup):
@@ -282,16 +288,23 @@ def test_lark_and_ebnf_grammars(setup):
     for seed in range(6):
         text = generate(tokenizer, compiler, StructuredOutput(grammar=LARK), seed)
         assert re.fullmatch(LARK_TEXT, text), text
+        text = generate(tokenizer, compiler, StructuredOutput(grammar=LARK_NATIVE), seed)
+        assert re.fullmatch(LARK_NATIVE_TEXT, text), text
         text = generate(tokenizer, compiler, StructuredOutput(grammar=ebnf), seed)
         assert re.fullmatch(r"\(x*[0-9]+\)", text), text
 
 
-def test_lark_translation():
-    # The /regex/ terminal becomes its own rules, named after the terminal.
-    ebnf = lark_to_ebnf('?start: a | "q"\n    | B\na: "x" ~ 2\nB: /[0-9]/')
-    lines = ebnf.splitlines()
-    assert lines[:4] == ["root ::= start", 'start ::= a | "q" | B', 'a ::= "x"{2}', "B ::= B_re0"]
-    assert lines[4].startswith("B_re0 ::= ") and "root" not in ebnf.replace("root ::=", "")
+def test_special_tokens_named_by_lark_stay_refused(setup):
+    # Lark may name a special token; the mask still allows only text and EOS.
+    tokenizer, compiler = setup
+    special = sorted(set(tokenizer.all_special_ids) - {compiler.eos_token_id})
+    grammar = f'start: "a" | <[{special[0]}]>'
+    matcher = compiler.matcher(StructuredOutput(grammar=grammar))
+    bitmask = allocate_bitmask(1, compiler.vocab_size)
+    matcher.fill_bitmask(bitmask, 0)
+    assert special[0] not in allowed_ids(bitmask, 0, compiler.vocab_size)
+    assert not matcher.accept_token(special[0])
+    assert matcher.accept_token(tokenizer.convert_tokens_to_ids("a"))
 
 
 @pytest.mark.parametrize(
@@ -304,14 +317,15 @@ def test_lark_translation():
         (StructuredOutput(json='{"$ref": "#/$defs/missing"}'), "defs"),
         (
             StructuredOutput(json='{"type": "object", "properties": {"a": {"not": {}}}}'),
-            "'not' at #/properties/a",
+            'Unimplemented keys: ["not"]',
         ),
         (StructuredOutput(json='{"type": "array", "uniqueItems": true}'), "uniqueItems"),
-        (StructuredOutput(regex="a(b"), "parenthesis"),
+        (StructuredOutput(json='{"type": "string", "format": "color"}'), "format: color"),
+        (StructuredOutput(regex="a(b"), "unclosed group"),
         (StructuredOutput(grammar="start: missing_rule"), "missing_rule"),
-        (StructuredOutput(grammar="%import common.NUMBER\nstart: NUMBER"), "%import"),
-        (StructuredOutput(grammar='start: "a"i'), "case-insensitive"),
-        (StructuredOutput(grammar="root ::= [a-"), "grammar"),
+        (StructuredOutput(grammar="%import common.FOO\nstart: FOO"), "common.FOO"),
+        (StructuredOutput(grammar='rule: "a"'), "no start rule"),
+        (StructuredOutput(grammar="root ::= [a-"), "GBNF grammar"),
     ],
 )
 def test_compile_errors_name_the_problem(setup, spec, message):
@@ -327,10 +341,25 @@ def test_empty_choice_is_refused():
         StructuredOutput(choice=("a", ""))
 
 
-def test_property_named_like_a_keyword_is_fine(setup):
-    _, compiler = setup
-    schema = {"type": "object", "properties": {"not": {"type": "integer"}}, "required": ["not"]}
-    compiler.compile(StructuredOutput(json=json.dumps(schema)))
+def test_unlisted_properties_are_not_generated(setup):
+    # As vLLM: objects that list properties are closed unless the schema says otherwise;
+    # a property named like a keyword ("not", "properties") is a name, not a keyword.
+    tokenizer, compiler = setup
+    inner = obj({"x": {"type": "integer"}}, ["x"])
+    schema = obj({"not": {"type": "integer"}, "properties": inner}, ["not", "properties"])
+    for seed in range(4):
+        text = generate(tokenizer, compiler, StructuredOutput(json=json.dumps(schema)), seed)
+        value = json.loads(text)
+        assert set(value) == {"not", "properties"} and set(value["properties"]) == {"x"}
+        # Compact: json.dumps's separators and no other whitespace (not even "\n").
+        assert ", " in text and not re.search(r"\s", text.replace(", ", "").replace(": ", ""))
+    schema["additionalProperties"] = True  # the schema's own choice is kept
+    for seed in range(8):
+        text = generate(tokenizer, compiler, StructuredOutput(json=json.dumps(schema)), seed)
+        if len(json.loads(text)) > 2:
+            break
+    else:
+        raise AssertionError("additionalProperties: true never gave an extra property")
 
 
 def test_eos_padding_rollback_and_batch_fill(setup):
