@@ -350,8 +350,7 @@ class Engine:
     def _bitmask(self, masked: list[Sequence]) -> np.ndarray:
         """i32[S, W], the tokens each slot may sample: all but those of `masked`."""
         bitmask = all_allowed(self.config.max_num_seqs, self.model_config.vocab_size)
-        for seq in masked:
-            seq.host_mask.fill(bitmask, seq.slot)
+        self.host_masks.fill(masked, bitmask)
         return bitmask
 
     def _fail(self, request: Request, error: str) -> None:

@@ -55,6 +55,11 @@ class HostMask:
         """Writes the tokens allowed next into `bitmask[row]` (which starts all ones)."""
         if self.matcher is not None:
             self.matcher.fill_bitmask(bitmask, row)
+        self.ban_bad_words(bitmask, row)
+
+    def ban_bad_words(self, bitmask: np.ndarray, row: int) -> None:
+        """Clears in `bitmask[row]` the last token of each bad word whose other tokens were
+        just generated."""
         for word in self.bad_words:
             prefix = word[:-1]
             if tuple(self.output[-len(prefix) :]) == prefix:
@@ -98,6 +103,17 @@ class HostMasks:
         spec = params.structured_output
         matcher = None if spec is None else self.compiler().matcher(spec)
         return HostMask(matcher, long_bad_words(params), self.eos_ids)
+
+    def fill(self, seqs, bitmask: np.ndarray) -> None:
+        """Writes each sequence's allowed tokens into `bitmask[seq.slot]` (i32[S, W], all
+        ones elsewhere): the grammars' rows together, on the compiler's threads."""
+        matchers = [None] * len(bitmask)
+        for seq in seqs:
+            matchers[seq.slot] = seq.host_mask.matcher
+        if any(m is not None for m in matchers):
+            self.compiler().fill_bitmask(matchers, bitmask)
+        for seq in seqs:
+            seq.host_mask.ban_bad_words(bitmask, seq.slot)
 
     def compiler(self):
         if self._compiler is None:
