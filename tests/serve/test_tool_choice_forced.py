@@ -8,6 +8,7 @@ Needs the engine to apply `SamplingParams.structured_output` (serve/structured_o
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import openai
@@ -51,6 +52,12 @@ TOOLS = [
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
 
 
+def at_once(create, seeds):
+    """The responses of `create(seed)` for every seed, sent together (one engine batch)."""
+    with ThreadPoolExecutor(len(seeds)) as pool:
+        return list(pool.map(create, seeds))
+
+
 def check_call(call) -> None:
     assert call.type == "function" and call.id.startswith("call_")
     schema = PARAMETERS[call.function.name] or {"type": "object", "maxProperties": 0}
@@ -77,11 +84,19 @@ def client():
 @pytest.mark.parametrize("name", list(PARAMETERS))
 def test_a_named_function_always_gets_valid_arguments(client, name):
     choice = {"type": "function", "function": {"name": name}}
-    for seed in range(8):
-        r = client.chat.completions.create(
-            model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice, seed=seed,
-            temperature=1.0, max_tokens=200,
-        )  # fmt: skip
+    responses = at_once(
+        lambda seed: client.chat.completions.create(
+            model=MODEL,
+            messages=ASK,
+            tools=TOOLS,
+            tool_choice=choice,
+            seed=seed,
+            temperature=1.0,
+            max_tokens=200,
+        ),  # fmt: skip
+        range(8),
+    )
+    for r in responses:
         [c] = r.choices
         assert c.finish_reason == "stop", c
         assert c.message.content is None
@@ -91,11 +106,20 @@ def test_a_named_function_always_gets_valid_arguments(client, name):
 
 
 def test_required_without_parallel_calls_always_gets_one_valid_call(client):
-    for seed in range(8):
-        r = client.chat.completions.create(
-            model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", seed=seed,
-            temperature=1.0, max_tokens=300, parallel_tool_calls=False,
-        )  # fmt: skip
+    responses = at_once(
+        lambda seed: client.chat.completions.create(
+            model=MODEL,
+            messages=ASK,
+            tools=TOOLS,
+            tool_choice="required",
+            seed=seed,
+            temperature=1.0,
+            max_tokens=300,
+            parallel_tool_calls=False,
+        ),  # fmt: skip
+        range(8),
+    )
+    for r in responses:
         [c] = r.choices
         assert c.finish_reason == "tool_calls", c
         assert c.message.content is None
@@ -108,11 +132,19 @@ def test_required_with_parallel_calls_gets_valid_calls(client):
     length cap: such an output is content (it does not parse), but a prefix of a valid
     list; the ones that end are valid calls."""
     num_finished = 0
-    for seed in range(8):
-        r = client.chat.completions.create(
-            model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", seed=seed,
-            temperature=1.0, max_tokens=400,
-        )  # fmt: skip
+    responses = at_once(
+        lambda seed: client.chat.completions.create(
+            model=MODEL,
+            messages=ASK,
+            tools=TOOLS,
+            tool_choice="required",
+            seed=seed,
+            temperature=1.0,
+            max_tokens=250,
+        ),  # fmt: skip
+        range(8),
+    )
+    for r in responses:
         [c] = r.choices
         if c.finish_reason == "length":
             assert c.message.tool_calls is None
