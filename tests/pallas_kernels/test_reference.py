@@ -161,3 +161,20 @@ def test_bad_array_raises_value_error_naming_it(name, bad, match):
 def test_non_positive_option_raises_value_error_naming_it(name, value):
     with pytest.raises(ValueError, match=name):
         ragged_paged_attention(**good_args(), sm_scale=0.5, **{name: value})
+
+
+@pytest.mark.parametrize("batch", [decode_only, prefill_only, mixed])
+@pytest.mark.parametrize(
+    "kwargs", [{}, dict(sliding_window=5), dict(soft_cap=3.0)], ids=["plain", "window", "cap"]
+)
+def test_the_per_sequence_loop_also_matches_dense(batch, kwargs):
+    """The reference gathers keys per token while that fits `by_token_bytes` (every other
+    test here); above it, it loops over sequences: the same oracle holds for that path."""
+    inputs = make_inputs(
+        batch(16), page_size=16, num_kv_heads=2, group=4, head_dim=64, dtype=jnp.float32
+    )
+    out = ragged_paged_attention_reference(
+        *inputs.args(), sm_scale=0.125, by_token_bytes=0, **kwargs
+    )
+    expected = dense_attention(inputs, sm_scale=0.125, **kwargs)
+    np.testing.assert_allclose(np.asarray(out), expected, **TOLERANCE[jnp.float32])
