@@ -84,7 +84,7 @@ def url():
     )  # fmt: skip
     model = Transformer(cfg, rngs=nnx.Rngs(1))
     config = EngineConfig(
-        page_size=16, max_model_len=512, max_num_seqs=64, max_num_batched_tokens=256
+        page_size=16, max_model_len=512, max_num_seqs=128, max_num_batched_tokens=256
     )
     engine = AsyncEngine(Engine(model, byte_tokenizer(), config, model_name=MODEL))
     with running(build_app(engine)) as base:
@@ -147,9 +147,9 @@ def test_regex_choice_and_json_object(url, client):
         for s in range(10)
     ]  # fmt: skip
     obj = [
-        dict(model=MODEL, messages=[{"role": "user", "content": "obj"}], max_tokens=300,
+        dict(model=MODEL, messages=[{"role": "user", "content": "obj"}], max_tokens=150,
              seed=s, response_format={"type": "json_object"})
-        for s in range(5)
+        for s in range(3)
     ]  # fmt: skip
     responses = _gather(url, regex + choice + obj)
     texts = [r.choices[0].message.content for r in responses]
